@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both install first (once).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,slurm,sweep
+STAMP := $(VENV)/.capdiff-installed
+ARGS ?=
+
+.PHONY: install train test test-all lint format clean
+
+install: $(STAMP)
+
+# Reinstalls only when the project's requirements change; the constraints pin every version it was
+# tested with (torch 2.13.0 among them, so a CPU machine keeps its local CPU build).
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "capdiff needs Python >= 3.11: run make PYTHON=python3.11 ...")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+train: install
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+test-all: install
+	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) logs .pytest_cache .ruff_cache src/*.egg-info

@@ -1,0 +1,20 @@
+"""Evaluate a capdiff checkpoint: `python evaluate.py ckpt_path=<file>` (see conf/evaluate.yaml)."""
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("CAPDIFF_ROOT", str(Path(__file__).resolve().parent))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from capdiff.evaluate import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Config helpers shared by the task functions: extras, printing and saving the resolved config."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import rich
+import rich.syntax
+import rich.tree
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+PRINT_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths", "extras")
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
+        print_config_tree(cfg)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    """The resolved config as a tree, main groups first."""
+    tree = rich.tree.Tree("config", style="dim")
+    names = [n for n in PRINT_ORDER if n in cfg] + [n for n in cfg if n not in PRINT_ORDER]
+    for name in names:
+        branch = tree.add(str(name), style="bold")
+        node = cfg[name]
+        text = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        branch.add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
+
+def save_resolved_config(cfg: DictConfig, folder: str | Path) -> Path:
+    """Write `config.yaml` with every interpolation resolved: what this run really used."""
+    path = Path(folder) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path

@@ -1,0 +1,221 @@
+"""The training and validation streams over WebDataset shards.
+
+webdataset supplies the tar reading (`tarfile_samples`, which opens local paths, `pipe:` and URL schemes)
+and the shuffle buffer. The orchestration around them is ours because three things the stock pipeline
+does not do together are needed here: shards resampled from a per-(rank, worker) subset with an RNG seeded
+by (seed, rank, worker, epoch) so a resumed run replays its order; skipped-sample counts shared with the
+main process; and a validation
+split that gives every sample to exactly one rank whatever the shard sizes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from capdiff.data.decode import (
+    IMAGE_EXTENSIONS,
+    BadSample,
+    CaptionKey,
+    SkipCounter,
+    SkipLog,
+    decode_captions,
+    image_member,
+)
+from capdiff.data.decode import load_rgb as _load_rgb
+from capdiff.data.transforms import resize_crop, to_uint8_chw, uint8_to_unit
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    image_size: int
+    caption_key: CaptionKey
+    max_pixels: int = 64_000_000
+    random_crop: bool = False
+
+    def wants(self, fname: str) -> bool:
+        """Which tar members are read at all: the image extensions and the caption member, nothing else."""
+        base = fname.rsplit("/", 1)[-1]
+        _, dot, ext = base.partition(".")
+        ext = ext.lower()
+        return bool(dot) and (ext in IMAGE_EXTENSIONS or ext == self.caption_key.member)
+
+
+def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random | None) -> dict:
+    """Raw tar sample → `{"key", "pixels" (uint8 3×H×W), "caption"}`; `rng` picks crop and caption in training."""
+    captions = decode_captions(sample, spec.caption_key)
+    image = _load_rgb(sample[image_member(sample)], spec.max_pixels, draft_size=spec.image_size)
+    image = resize_crop(image, spec.image_size, random_crop=spec.random_crop and rng is not None, rng=rng)
+    caption = rng.choice(captions) if rng is not None else captions[0]
+    return {"key": sample["__key__"], "pixels": to_uint8_chw(image), "caption": caption}
+
+
+def collate(samples: list[dict]) -> dict:
+    return {
+        "pixels": uint8_to_unit(torch.stack([s["pixels"] for s in samples])),
+        "captions": [s["caption"] for s in samples],
+        "keys": [s["key"] for s in samples],
+    }
+
+
+class SharedEpoch:
+    """An epoch number the main process sets and dataloader workers read, persistent workers included."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self._value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self._value.value = epoch
+
+    def get(self) -> int:
+        return self._value.value
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class _Stream(IterableDataset):
+    def __init__(
+        self,
+        urls: list[str],
+        spec: DecodeSpec,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        skip_counter: SkipCounter,
+        log_every_s: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.skip_counter = skip_counter
+        self.urls = urls
+        self.spec = spec
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.log_every_s = log_every_s
+
+    def _read(self, shards: Iterable[dict], skips: SkipLog) -> Iterator[dict]:
+        def on_shard_error(err: Exception) -> bool:
+            skips.skip("shard_error", str(err.args[-1]) if err.args else "?", repr(err)[:300])
+            return True
+
+        return wds.tarfile_samples(shards, handler=on_shard_error, select_files=self.spec.wants)
+
+    def _decode(self, raw: Iterable[dict], skips: SkipLog, rng: random.Random | None) -> Iterator[dict]:
+        for sample in raw:
+            try:
+                decoded = decode_sample(sample, self.spec, rng)
+            except BadSample as bad:
+                skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')}", bad.detail)
+                continue
+            skips.good += 1
+            yield decoded
+
+    def _batch(self, decoded: Iterable[dict], partial: bool) -> Iterator[dict]:
+        buffer: list[dict] = []
+        for sample in decoded:
+            buffer.append(sample)
+            if len(buffer) == self.batch_size:
+                yield collate(buffer)
+                buffer = []
+        if buffer and partial:
+            yield collate(buffer)
+
+
+class TrainStream(_Stream):
+    """Endless resampled shards, cut into `batches_per_worker` full batches per worker per epoch.
+
+    Shards are dealt to the `world_size × num_workers` (rank, worker) slots in turn, and each slot draws from
+    its own share with replacement. Every rank therefore yields exactly `len(self)` equal batches per
+    epoch, whatever the shard sizes (an unequal count would hang the contrastive all-gather under DDP).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: DecodeSpec,
+        batch_size: int,
+        batches_per_worker: int,
+        num_workers: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle_buffer: int,
+        epoch: SharedEpoch,
+        skip_counter: SkipCounter,
+        log_every_s: float = 30.0,
+    ) -> None:
+        super().__init__(urls, spec, batch_size, rank, world_size, skip_counter, log_every_s)
+        self.batches_per_worker = batches_per_worker
+        self.num_workers = max(1, num_workers)
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_worker * self.num_workers
+
+    def shards_for(self, worker: int) -> list[str]:
+        slots = self.world_size * self.num_workers
+        return self.urls[self.rank * self.num_workers + worker :: slots]
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        if num_workers != self.num_workers:
+            raise RuntimeError(f"TrainStream built for {self.num_workers} workers but runs in {num_workers}")
+        epoch = self.epoch.get()
+        rng = random.Random(f"capdiff/train/{self.seed}/{self.rank}/{worker}/{epoch}")
+        skips = SkipLog(self.skip_counter, self.log_every_s)
+        shards = self.shards_for(worker)
+        raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
+            self._read(self._resample(shards, rng, skips), skips)
+        )
+        batches = self._batch(self._decode(raw, skips, rng), partial=False)
+        for _ in range(self.batches_per_worker):
+            yield next(batches)
+
+    def _resample(self, shards: list[str], rng: random.Random, skips: SkipLog) -> Iterator[dict]:
+        # An endless stream of shards that never yields a usable sample would spin forever: stop instead.
+        # The shuffle buffer reads ahead of decoding, so allow for it before giving up.
+        limit = 10 * len(shards) + self.shuffle_buffer + 10
+        last_good, draws = -1, 0
+        while True:
+            if skips.good != last_good:
+                last_good, draws = skips.good, 0
+            if draws >= limit:
+                raise RuntimeError(
+                    f"no usable sample in {draws} shard reads from {shards[:3]}; skipped so far: "
+                    f"{dict(skips.counts)}. Check data.caption_key and the shards with "
+                    "`python -m capdiff.data.shards inspect <shard>`."
+                )
+            draws += 1
+            yield {"url": rng.choice(shards)}
+
+
+class ValStream(_Stream):
+    """Every sample exactly once across ranks, in shard order.
+
+    Within a rank, workers take whole shards in turn; across ranks, samples are dealt round-robin by their
+    position in the shard list, so ranks get (nearly) equal shares even when shard sizes differ.
+    """
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        skips = SkipLog(self.skip_counter, self.log_every_s)
+        decoded = self._decode(self._mine(worker, num_workers, skips), skips, rng=None)
+        yield from self._batch(decoded, partial=True)
+
+    def _mine(self, worker: int, num_workers: int, skips: SkipLog) -> Iterator[dict]:
+        for shard_index in range(worker, len(self.urls), num_workers):
+            samples = self._read([{"url": self.urls[shard_index]}], skips)
+            for position, sample in enumerate(samples):
+                if (shard_index + position) % self.world_size == self.rank:
+                    yield sample

@@ -1,0 +1,68 @@
+"""Shard lists: brace expansion, local-file checks and sample counting, with errors that name the config key."""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import braceexpand
+
+from capdiff.data.decode import IMAGE_EXTENSIONS
+
+# Schemes webdataset's gopen opens itself; anything else with "://" is passed to it too, but is not a local file.
+_REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://", "htgs://")
+
+
+def expand_urls(urls: str | Sequence[str] | None, key: str) -> list[str]:
+    """Expand brace notation (`shard-{000..009}.tar`), `::`-joined lists and YAML lists into shard URLs."""
+    if urls is None:
+        raise ValueError(f"{key} is not set: give shard paths or URLs, e.g. \"{key}='/data/shard-{{000..099}}.tar'\".")
+    items = [urls] if isinstance(urls, str) else list(urls)
+    expanded: list[str] = []
+    for item in items:
+        for part in str(item).split("::"):
+            part = part.strip()
+            if part:
+                expanded.extend(braceexpand.braceexpand(os.path.expandvars(os.path.expanduser(part))))
+    if not expanded:
+        raise ValueError(f"{key} is empty: give at least one shard, e.g. \"{key}='/data/shard-{{000..099}}.tar'\".")
+    return expanded
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a URL when it is a local one (plain path or file:), else None."""
+    if url.startswith("file://"):
+        return Path(url[len("file://") :])
+    if url.startswith("file:"):
+        return Path(url[len("file:") :])
+    if url.startswith(_REMOTE_PREFIXES) or "://" in url:
+        return None
+    return Path(url)
+
+
+def check_local_shards(urls: list[str], key: str) -> None:
+    """Fail before any work starts if a local shard is missing; remote and `pipe:` URLs are opened lazily."""
+    missing = [u for u in urls if (p := local_path(u)) is not None and not p.is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(
+            f"{key}: {len(missing)} of {len(urls)} shards do not exist ({shown}). Check the path and the brace "
+            f"range, e.g. \"{key}='/data/shard-{{000000..000099}}.tar'\"."
+        )
+
+
+def count_samples(path: Path) -> int:
+    """Samples (distinct keys with an image member) in a local tar shard, reading headers only."""
+    keys = set()
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                continue
+            name = member.name
+            base = name.rsplit("/", 1)[-1]
+            stem, dot, ext = base.partition(".")
+            if dot and ext.lower() in IMAGE_EXTENSIONS:
+                keys.add(name[: len(name) - len(base)] + stem)
+    return len(keys)

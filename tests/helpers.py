@@ -1,0 +1,41 @@
+"""Helpers for tests: tiny images and tar shards written in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def image_bytes(color=(200, 30, 30), size=(40, 24), fmt="PNG", mode="RGB") -> bytes:
+    image = Image.new("RGB", size, color)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]]) -> Path:
+    """A plain tar of (name, bytes) members in the given order, as any WebDataset writer makes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def good_members(prefix: str, count: int, start: int = 0) -> list[tuple[str, bytes]]:
+    members = []
+    for i in range(start, start + count):
+        key = f"{prefix}{i:05d}"
+        members.append((f"{key}.png", image_bytes(color=(i % 256, 80, 160))))
+        members.append((f"{key}.txt", f"caption  of\n{key} ".encode()))
+    return members

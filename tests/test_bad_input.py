@@ -1,0 +1,198 @@
+"""Bad samples are skipped and counted; shards never execute code; bad configs fail at start-up."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import pytest
+
+from capdiff.data import ImageTextDataModule
+from capdiff.data.decode import SkipCounter, SkipLog
+from capdiff.data.shards import main as shards_main
+from tests.helpers import good_members, image_bytes, write_tar
+
+
+def datamodule(train, val=None, **kwargs) -> ImageTextDataModule:
+    kwargs = {"batch_size": 2, "num_workers": 0, "samples_per_epoch": 8, "shuffle_buffer": 4} | kwargs
+    return ImageTextDataModule(train_urls=train, val_urls=val, **kwargs)
+
+
+BAD_SAMPLES = {
+    # reason: members of one bad sample
+    "truncated_image": [("trunc.jpg", image_bytes(fmt="JPEG", size=(64, 64))[:300]), ("trunc.txt", b"cut")],
+    "empty_image": [("zero.png", b""), ("zero.txt", b"nothing")],
+    "undecodable_image": [("junk.png", b"this is not an image at all"), ("junk.txt", b"junk")],
+    "missing_caption": [("nocap.png", image_bytes())],
+    "empty_caption": [("blank.png", image_bytes()), ("blank.txt", b"  \n\t ")],
+    "bad_caption": [("latin.png", image_bytes()), ("latin.txt", "café".encode("latin-1"))],
+    "too_large": [("huge.png", image_bytes(size=(400, 300))), ("huge.txt", b"too many pixels")],
+    "missing_image": [("onlytext.txt", b"a caption without an image")],
+}
+
+
+def shard_with_bad_samples(folder: Path) -> Path:
+    members = good_members("good", 3)
+    for bad in BAD_SAMPLES.values():
+        members += bad
+    return write_tar(folder / "mixed.tar", members + good_members("good", 2, start=3))
+
+
+def test_each_bad_sample_kind_is_skipped_and_counted(shard_dir: Path) -> None:
+    shard = str(shard_with_bad_samples(shard_dir))
+    dm = datamodule(shard, shard, max_pixels=100_000)
+    dm.setup()
+    keys = [k for b in dm.val_dataloader() for k in b["keys"]]
+    assert keys == [f"good{i:05d}" for i in range(5)]
+    assert dm.skipped == dict.fromkeys(BAD_SAMPLES, 1)
+
+
+def test_bad_samples_in_workers_do_not_stop_training_and_are_counted_in_the_main_process(
+    shard_dir: Path,
+) -> None:
+    shard = str(shard_with_bad_samples(shard_dir))
+    dm = datamodule([shard] * 2, None, max_pixels=100_000, num_workers=2, batch_size=5, samples_per_epoch=40)
+    dm.setup()
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8
+    assert all(len(b["keys"]) == 5 for b in batches)
+    assert set(dm.skipped) == set(BAD_SAMPLES)
+    assert all(n >= 1 for n in dm.skipped.values())
+
+
+def test_corrupt_and_truncated_shards_are_counted_not_fatal(shard_dir: Path) -> None:
+    good = write_tar(shard_dir / "good.tar", good_members("g", 4))
+    not_a_tar = shard_dir / "garbage.tar"
+    not_a_tar.write_bytes(b"\x00garbage" * 500)
+    data = write_tar(shard_dir / "cut.tar", good_members("c", 20)).read_bytes()
+    cut = shard_dir / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])  # a download that stopped half-way
+    dm = datamodule(str(good), [str(good), str(not_a_tar), str(cut), str(good)])
+    dm.setup()
+    keys = [k for b in dm.val_dataloader() for k in b["keys"]]
+    good_keys = [f"g{i:05d}" for i in range(4)]
+    assert keys[:4] == good_keys
+    assert keys[-4:] == good_keys
+    assert {f"c{i:05d}" for i in range(5)} <= set(keys)  # the whole samples before the cut are kept
+    assert dm.skipped["shard_error"] >= 1  # the garbage shard
+
+
+def test_skipped_samples_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    counter = SkipCounter()
+    log = SkipLog(counter, every_s=3600)
+    with caplog.at_level(logging.WARNING, logger="capdiff.data.decode"):
+        for i in range(1000):
+            log.skip("empty_image", f"k{i}", "zero-byte image")
+            log.skip("bad_caption", f"k{i}", "not UTF-8")
+    assert len(caplog.records) == 2  # one per reason per interval, however many skips
+    assert log.counts == {"empty_image": 1000, "bad_caption": 1000}
+    assert counter.totals() == {"empty_image": 1000, "bad_caption": 1000}
+
+
+class Payload:
+    """Unpickling this writes a marker file: proof that code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pickle_members_in_a_shard_never_run(shard_dir: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    payload = pickle.dumps(Payload(marker))
+    pickle.loads(payload)  # the payload is real: loading it runs code
+    assert marker.exists()
+    marker.unlink()
+
+    members = []
+    for i in range(4):
+        key = f"evil{i}"
+        members += [
+            (f"{key}.png", image_bytes()),
+            (f"{key}.txt", b"looks innocent"),
+            (f"{key}.pyd", payload),
+            (f"{key}.pickle", payload),
+            (f"{key}.pth", payload),
+            (f"{key}.json", b'{"a": 1}'),
+        ]
+    shard = str(write_tar(shard_dir / "evil.tar", members))
+    dm = datamodule(shard, shard, num_workers=1)
+    dm.setup()
+    batches = [*dm.train_dataloader(), *dm.val_dataloader()]
+    assert {c for b in batches for c in b["captions"]} == {"looks innocent"}
+    for caption_key in ("pyd", "pickle", "pth"):  # even named as the caption, the bytes are only text-decoded
+        dm = datamodule(shard, shard, caption_key=caption_key)
+        dm.setup()
+        assert list(dm.val_dataloader()) == []
+        assert dm.skipped == {"bad_caption": 4}
+    shards_main(["inspect", shard, "--json"])
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- start-up errors
+def test_missing_shard_file_names_the_key(shard_dir: Path) -> None:
+    shard = write_tar(shard_dir / "a-000.tar", good_members("k", 4))
+    dm = datamodule(str(shard_dir / "a-{000..002}.tar"), None)
+    with pytest.raises(FileNotFoundError, match=r"data.train_urls: 2 of 3 shards do not exist"):
+        dm.setup()
+    dm = datamodule(str(shard), str(shard_dir / "nope.tar"))
+    with pytest.raises(FileNotFoundError, match=r"data.val_urls"):
+        dm.setup()
+
+
+@pytest.mark.parametrize("urls", [None, [], "", " :: "])
+def test_empty_url_list_names_the_key(urls) -> None:
+    with pytest.raises(ValueError, match=r"data.train_urls is (empty|not set)"):
+        datamodule(urls, None)
+
+
+def test_fewer_shards_than_ranks_times_workers(shard_dir: Path) -> None:
+    shards = [str(write_tar(shard_dir / f"{n}.tar", good_members("k", 2))) for n in range(3)]
+    dm = datamodule(shards, None, num_workers=2)
+    with pytest.raises(ValueError, match=r"3 shards but 2 ranks × 2 workers need at least 4.*data.num_workers"):
+        dm.setup_streams(0, 2)
+
+
+def test_unknown_caption_key_lists_the_members_present(shard_dir: Path) -> None:
+    shard = str(write_tar(shard_dir / "a.tar", good_members("k", 3)))
+    with pytest.raises(ValueError, match=r"data.caption_key='json.caption' is in none.*\['png', 'txt'\]"):
+        datamodule(shard, None, caption_key="json.caption").setup()
+    with pytest.raises(ValueError, match=r"data.caption_key='txt.caption'.*only the json member has fields"):
+        datamodule(shard, None, caption_key="txt.caption")
+    with pytest.raises(ValueError, match=r"data.caption_key='png' names an image member"):
+        datamodule(shard, None, caption_key="png")
+
+
+def test_remote_shards_need_samples_per_epoch() -> None:
+    dm = datamodule("pipe:cat /nonexistent/{0..3}.tar", None, samples_per_epoch=None)
+    with pytest.raises(ValueError, match=r"data.samples_per_epoch is null"):
+        dm._samples_per_epoch()
+
+
+def test_samples_per_epoch_is_counted_for_local_shards(uneven_shards: list[str]) -> None:
+    dm = datamodule(uneven_shards, None, samples_per_epoch=None, batch_size=10)
+    dm.setup()
+    assert dm.samples_per_epoch == 80
+    assert len(dm.train_dataloader()) == 8
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("image_size", 0), ("batch_size", -1), ("num_workers", -2), ("samples_per_epoch", 0)]
+)
+def test_bad_numbers_fail_at_construction(shard_dir: Path, key: str, value: int) -> None:
+    with pytest.raises(ValueError, match=rf"data.{key}"):
+        datamodule("x.tar", None, **{key: value})
+
+
+def test_a_stream_with_no_usable_sample_stops_with_a_clear_error(shard_dir: Path) -> None:
+    members = [(f"k{i}.png", b"not an image") for i in range(3)] + [("k0.txt", b"x")]
+    members = [(f"k{i}.png", b"not an image") for i in range(3)]
+    members += [(f"k{i}.txt", b"caption") for i in range(3)]
+    shard = str(write_tar(shard_dir / "bad.tar", sorted(members)))
+    dm = datamodule(shard, None)
+    dm.setup()
+    with pytest.raises(RuntimeError, match=r"no usable sample.*undecodable_image"):
+        next(iter(dm.train_dataloader()))

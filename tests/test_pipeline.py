@@ -1,0 +1,212 @@
+"""The training and validation streams: shapes of batches, images of every kind, ranks and workers."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capdiff.data import ImageTextDataModule
+from capdiff.data.datamodule import EpochLoader
+from tests.helpers import good_members, image_bytes, write_tar
+
+
+def datamodule(train, val=None, **kwargs) -> ImageTextDataModule:
+    kwargs = {"batch_size": 4, "num_workers": 0, "samples_per_epoch": 16, "shuffle_buffer": 8} | kwargs
+    return ImageTextDataModule(train_urls=train, val_urls=val, **kwargs)
+
+
+def all_batches(loader) -> list[dict]:
+    return list(loader)
+
+
+def test_batches_have_the_documented_shape_range_and_types(shard_dir: Path) -> None:
+    shard = write_tar(shard_dir / "a.tar", good_members("k", 10))
+    dm = datamodule(str(shard), str(shard), image_size=16, batch_size=4)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"pixels", "captions", "keys"}
+    assert batch["pixels"].shape == (4, 3, 16, 16)
+    assert batch["pixels"].dtype == torch.float32
+    assert batch["pixels"].min() >= -1.0
+    assert batch["pixels"].max() <= 1.0
+    assert all(isinstance(c, str) for c in batch["captions"])
+    # whitespace normalized: "caption  of\nk00003 " → "caption of k00003"
+    assert all(c == f"caption of {k}" for c, k in zip(batch["captions"], batch["keys"], strict=True))
+    val = all_batches(dm.val_dataloader())
+    assert [b["pixels"].shape[0] for b in val] == [4, 4, 2]  # the last, partial batch is kept
+
+
+def test_pixel_values_map_uint8_to_unit_range(shard_dir: Path) -> None:
+    members = [
+        ("black.png", image_bytes((0, 0, 0))),
+        ("black.txt", b"black"),
+        ("white.png", image_bytes((255, 255, 255))),
+        ("white.txt", b"white"),
+    ]
+    dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None)
+    dm.val_urls = dm.train_urls
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    by_key = dict(zip(batch["keys"], batch["pixels"], strict=True))
+    assert torch.all(by_key["black"] == -1.0)
+    assert torch.all(by_key["white"] == 1.0)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mode"),
+    [
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", "P"),
+        ("PNG", "LA"),
+        ("PNG", "I;16"),
+        ("WEBP", "RGB"),
+        ("PNG", "1"),
+    ],
+)
+def test_every_image_mode_becomes_rgb(shard_dir: Path, fmt: str, mode: str) -> None:
+    ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
+    members = [(f"x.{ext}", image_bytes((250, 250, 250), size=(30, 20), fmt=fmt, mode=mode)), ("x.txt", b"a")]
+    dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None, image_size=8)
+    dm.val_urls = dm.train_urls
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["pixels"].shape == (1, 3, 8, 8)
+    assert batch["pixels"].mean() > 0.8  # near-white survived every conversion
+
+
+def test_transparency_is_composited_on_white(shard_dir: Path) -> None:
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    members = [("t.png", buffer.getvalue()), ("t.txt", b"transparent")]
+    dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None, image_size=10)
+    dm.val_urls = dm.train_urls
+    dm.setup()
+    assert torch.all(next(iter(dm.val_dataloader()))["pixels"] == 1.0)
+
+
+def test_center_crop_keeps_the_middle_of_a_wide_image(shard_dir: Path) -> None:
+    # 30×10: left third red, middle third green, right third blue → the crop is the green square.
+    array = np.zeros((10, 30, 3), np.uint8)
+    array[:, :10, 0], array[:, 10:20, 1], array[:, 20:, 2] = 255, 255, 255
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    members = [("w.png", buffer.getvalue()), ("w.txt", b"wide")]
+    dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None, image_size=10)
+    dm.val_urls = dm.train_urls
+    dm.setup()
+    pixels = next(iter(dm.val_dataloader()))["pixels"][0]
+    assert pixels[1].mean() > 0.9
+    assert pixels[0].mean() < -0.9
+    assert pixels[2].mean() < -0.9
+
+
+def test_json_caption_field_with_several_captions(shard_dir: Path) -> None:
+    captions = ["first caption", "second caption", "third caption"]
+    members = []
+    for i in range(8):
+        members += [(f"k{i}.png", image_bytes()), (f"k{i}.json", json.dumps({"caption": captions}).encode())]
+    shard = str(write_tar(shard_dir / "a.tar", members))
+    dm = datamodule(shard, shard, caption_key="json.caption", batch_size=8, samples_per_epoch=64)
+    dm.setup()
+    seen = Counter(c for b in dm.train_dataloader() for c in b["captions"])
+    assert set(seen) == set(captions)  # training draws among them
+    assert {c for b in dm.val_dataloader() for c in b["captions"]} == {"first caption"}  # validation: the first
+
+
+def loader_for_rank(shards: list[str], rank: int, world_size: int, workers: int, **kwargs):
+    dm = datamodule(shards, None, num_workers=workers, persistent_workers=False, **kwargs)
+    dm.setup_streams(rank, world_size)
+    return dm.train_dataloader()
+
+
+def test_two_ranks_two_workers_get_equal_full_batches_from_uneven_shards(uneven_shards: list[str]) -> None:
+    counts, keys = {}, {}
+    for rank in range(2):
+        loader = loader_for_rank(uneven_shards, rank, 2, workers=2, batch_size=3, samples_per_epoch=50)
+        epochs = [all_batches(loader) for _ in range(2)]
+        counts[rank] = [len(e) for e in epochs]
+        assert all(b["pixels"].shape[0] == 3 for e in epochs for b in e)
+        assert counts[rank] == [len(loader)] * 2
+        keys[rank] = {k for e in epochs for b in e for k in b["keys"]}
+    assert counts[0] == counts[1] == [10, 10]  # ceil(50 / (3 × 2)) = 9 → rounded up to 2 workers × 5
+    assert not keys[0] & keys[1]  # each (rank, worker) reads its own share of the shards
+
+
+def test_training_order_is_set_by_seed_rank_and_epoch(uneven_shards: list[str]) -> None:
+    def order(rank: int, seed: int, epochs: int) -> list[list[str]]:
+        loader = loader_for_rank(uneven_shards, rank, 1, workers=0, seed=seed, batch_size=4)
+        return [[k for b in loader for k in b["keys"]] for _ in range(epochs)]
+
+    first = order(0, seed=1, epochs=2)
+    assert order(0, seed=1, epochs=2) == first  # a rerun (or a resumed run) replays the same stream
+    assert first[0] != first[1]  # a new epoch reshuffles
+    assert order(0, seed=2, epochs=1)[0] != first[0]
+
+
+def test_validation_sees_every_sample_exactly_once_across_ranks(shard_dir: Path) -> None:
+    sizes = [5, 1, 12, 3, 7]
+    shards, start = [], 0
+    for n, size in enumerate(sizes):
+        shards.append(str(write_tar(shard_dir / f"val-{n}.tar", good_members("v", size, start))))
+        start += size
+    seen: list[str] = []
+    per_rank = []
+    for rank in range(2):
+        dm = datamodule(shards[:1], shards, num_workers=2, batch_size=4, persistent_workers=False)
+        dm.train_urls = shards  # enough shards for 2 ranks × 2 workers
+        dm.setup_streams(rank, 2)
+        keys = [k for b in dm.val_dataloader() for k in b["keys"]]
+        per_rank.append(len(keys))
+        seen += keys
+    assert sorted(seen) == sorted(f"v{i:05d}" for i in range(sum(sizes)))
+    assert abs(per_rank[0] - per_rank[1]) <= 2
+
+
+def test_validation_order_is_deterministic(shard_dir: Path) -> None:
+    shards = [str(write_tar(shard_dir / f"v{n}.tar", good_members(f"s{n}-", 6))) for n in range(3)]
+
+    def keys() -> list[str]:
+        dm = datamodule(shards, shards, num_workers=2, persistent_workers=False)
+        dm.setup()
+        return [k for b in dm.val_dataloader() for k in b["keys"]]
+
+    assert keys() == keys()
+
+
+def test_shards_written_by_other_tools_with_folders_in_member_names(shard_dir: Path) -> None:
+    members = [
+        ("part/a/000.jpg", image_bytes(fmt="JPEG")),
+        ("part/a/000.txt", b"one"),
+        ("part/a/001.jpeg", image_bytes(fmt="JPEG")),
+        ("part/a/001.txt", b"two"),
+        ("part/a/001.npy", b"\x93NUMPY ignored"),
+    ]
+    shard = str(write_tar(shard_dir / "other.tar", members))
+    dm = datamodule(shard, shard)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["keys"] == ["part/a/000", "part/a/001"]
+    assert batch["captions"] == ["one", "two"]
+
+
+def test_the_epoch_reaches_persistent_workers(uneven_shards: list[str]) -> None:
+    dm = datamodule(uneven_shards, None, num_workers=2, persistent_workers=True, batch_size=2)
+    dm.setup()
+    loader = dm.train_dataloader()
+    first, second = ([k for b in loader for k in b["keys"]] for _ in range(2))
+    assert first != second
+    # Fresh workers told "epoch 1" (what a resumed run's trainer says) replay the persistent workers' 2nd epoch.
+    fresh = datamodule(uneven_shards, None, num_workers=2, batch_size=2)
+    fresh.setup()
+    resumed = EpochLoader(fresh.train_stream, epoch_fn=lambda: 1, num_workers=2)
+    assert [k for b in resumed for k in b["keys"]] == second
