@@ -10,10 +10,11 @@ os.environ.setdefault("CAPDIFF_ROOT", str(Path(__file__).resolve().parent))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from capdiff.evaluate import evaluate
 
-    evaluate(cfg)
+    metrics = evaluate(cfg)
+    return metrics.get("val/loss")
 
 
 if __name__ == "__main__":

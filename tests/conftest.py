@@ -29,3 +29,30 @@ def uneven_shards(shard_dir: Path) -> list[str]:
         paths.append(str(write_tar(shard_dir / f"train-{n:03d}.tar", good_members("s", size, start))))
         start += size
     return paths
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder with the smoke experiment's shapes, tokenizer and first-stage autoencoder, made once."""
+    from capdiff.stages import prepare_autoencoder, prepare_tokenizer
+    from capdiff.train import build_datamodule
+    from tests.helpers import compose_config
+
+    root = tmp_path_factory.mktemp("smoke")
+    cfg = compose_config(root, ["experiment=smoke"])
+    datamodule = build_datamodule(cfg)
+    prepare_tokenizer(cfg, datamodule)
+    prepare_autoencoder(cfg, datamodule)
+    return root
+
+
+@pytest.fixture
+def smoke_cfg(smoke_root: Path, tmp_path: Path):
+    """Compose `experiment=smoke` (+ overrides) over the shared smoke data, with outputs in tmp_path."""
+    from tests.helpers import compose_config
+
+    def make(*overrides: str):
+        cfg = compose_config(smoke_root, ["experiment=smoke", f"paths.output_dir={tmp_path / 'run'}", *overrides])
+        return cfg
+
+    return make

@@ -39,3 +39,17 @@ def good_members(prefix: str, count: int, start: int = 0) -> list[tuple[str, byt
         members.append((f"{key}.png", image_bytes(color=(i % 256, 80, 160))))
         members.append((f"{key}.txt", f"caption  of\n{key} ".encode()))
     return members
+
+
+def compose_config(root: Path, overrides: list[str], config: str = "train"):
+    """The real config tree, with every path under `root` (no Hydra run needed)."""
+    from hydra import compose, initialize_config_dir
+
+    base = [
+        f"paths.root_dir={root}",
+        f"paths.output_dir={root / 'out'}",
+        f"paths.work_dir={root}",
+        "extras.print_config=false",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config, overrides=base + overrides)

@@ -17,6 +17,7 @@ from tests.helpers import REPO, good_members, write_tar
 CONF = REPO / "conf"
 GROUPS = [
     "data",
+    "model",
     "trainer",
     "callbacks",
     "logger",
@@ -48,12 +49,11 @@ CASES = [(g, o) for g in GROUPS for o in options(g)]
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
 def test_every_config_composes_and_builds(tmp_path: Path, group: str, option: str) -> None:
-    overrides = [f"{group}={option}"]
-    if group == "data" and option == "webdataset":
-        shard = write_tar(tmp_path / "shards" / "a.tar", good_members("k", 4))
-        overrides += [f"data.train_urls={shard}", f"data.val_urls={shard}", "data.num_workers=0"]
-    cfg = compose_train(tmp_path, overrides)
+    cfg = compose_train(tmp_path, [f"{group}={option}"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
+    if cfg.data.train_urls is None:  # data=webdataset: the user names the shards
+        shard = str(write_tar(tmp_path / "shards" / "a.tar", good_members("k", 4)))
+        cfg.data.train_urls, cfg.data.val_urls, cfg.data.num_workers = shard, shard, 0
 
     if cfg.data.get("shapes"):
         cfg.data.shapes.num_train, cfg.data.shapes.num_val = 64, 16
@@ -61,7 +61,11 @@ def test_every_config_composes_and_builds(tmp_path: Path, group: str, option: st
     assert isinstance(datamodule, ImageTextDataModule)
     assert isinstance(datamodule, ShapesDataModule) == (cfg.data._target_.endswith("ShapesDataModule"))
 
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # the model needs its data-derived parts or downloads: the test_module/test_pretrained tests build it
+    assert issubclass(hydra.utils.get_class(cfg.model._target_), pl.LightningModule)
+    assert set(cfg.model.loss.weights) == {"diffusion", "caption", "contrastive"}
+
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     assert all(isinstance(c, pl.Callback) for c in callbacks)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     assert all(isinstance(lg, pl.loggers.Logger) for lg in loggers)
@@ -84,6 +88,23 @@ def test_experiment_and_debug_come_last_and_override(tmp_path: Path) -> None:
     assert cfg.data.num_workers == 0  # both set it
     assert cfg.data.samples_per_epoch == 64  # debug, listed after experiment, wins
     assert cfg.data.batch_size == 8  # from the experiment
+
+
+@pytest.mark.parametrize(
+    ("experiment", "weights"),
+    [("caption_only", (0, 1, 0)), ("diffusion_only", (1, 0, 0)), ("joint_ddim", (1, 1, 0.1))],
+)
+def test_experiments_set_the_loss_terms(tmp_path: Path, experiment: str, weights: tuple) -> None:
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    assert tuple(cfg.model.loss.weights[t] for t in ("diffusion", "caption", "contrastive")) == weights
+
+
+def test_joint_ddim_is_the_pretrained_recipe(tmp_path: Path) -> None:
+    cfg = compose_train(tmp_path, ["experiment=joint_ddim"])
+    assert cfg.model.llm.name_or_path == "gpt2"
+    assert cfg.model.vae.name_or_path == "stabilityai/sd-vae-ft-mse"
+    assert cfg.data.image_size // 8 == cfg.model.unet.config.sample_size
+    assert cfg.trainer.accelerator == "gpu"
 
 
 def test_shapes_paths_follow_image_size(tmp_path: Path) -> None:

@@ -1,18 +1,19 @@
-"""The task function behind `python train.py`."""
+"""The task function behind `python train.py`: data → derived artefacts → JointModule → Trainer.fit."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.table import Table
 
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
-from capdiff.data.throughput import stream
+from capdiff.stages import prepare_autoencoder, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +21,64 @@ log = logging.getLogger(__name__)
 def build_datamodule(cfg: DictConfig) -> ImageTextDataModule:
     datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
+    datamodule.setup_streams(0, 1)
     return datamodule
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Compose → data → (model, arriving with the joint module) → report. Returns the run's metrics."""
+def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
+    """Derive what the model needs from the data (tokenizer, first stage), then build the JointModule."""
+    prepare_tokenizer(cfg, datamodule)
+    if cfg.model.loss.weights.get("diffusion"):
+        prepare_autoencoder(cfg, datamodule)
+    try:
+        return hydra.utils.instantiate(cfg.model, _convert_="all")
+    except InstantiationException as err:
+        # Hydra wraps every error; a user's config error reads better as itself, with the key it names.
+        if isinstance(err.__cause__, ValueError | OSError):
+            raise err.__cause__ from None
+        raise
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """`last` → this run folder's `checkpoints/last.ckpt`; a run folder → its `last.ckpt`; a file as is."""
+    if ckpt_path is None:
+        return None
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file, a run folder, or `last` "
+            "together with hydra.run.dir=<the run folder to continue>."
+        )
+    return str(path)
+
+
+def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
+    """Returns the run's final metrics (`trainer.callback_metrics`)."""
     apply_extras(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    save_resolved_config(cfg, cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
-    datamodule.setup("fit")
-    console = Console()
-    metrics = stream(datamodule, console)
-    table = Table("metric", "value", title="data stream")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:,.1f}")
-    console.print(table)
-    if datamodule.skipped:
-        console.print(f"skipped samples by reason: {dict(datamodule.skipped)}")
-    log.info("run folder: %s", cfg.paths.output_dir)
+    if cfg.get("stage") == "autoencoder":
+        folder = prepare_autoencoder(cfg, datamodule, force=True)
+        save_resolved_config(cfg, cfg.paths.output_dir)
+        report = json.loads((folder / "capdiff_first_stage.json").read_text())
+        return {"autoencoder/val_rec_loss": report["val_rec_loss"]}
+    model = build_model(cfg, datamodule)
+    save_resolved_config(cfg, cfg.paths.output_dir)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks += extra_callbacks or []
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        for logger in loggers:
+            if isinstance(logger, pl.loggers.WandbLogger):
+                logger.experiment.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        log.info("run folder: %s", cfg.paths.output_dir)
     return metrics

@@ -1,0 +1,120 @@
+"""Latent diffusion (Rombach et al., 2022): a frozen AutoencoderKL and a text-conditioned UNet2DConditionModel.
+
+Training uses diffusers' `DDPMScheduler` for the forward process; the model owns its parametrization (ε or v)
+and hence its loss weighting, so the training step does not care which one it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from capdiff.losses import diffusion_loss
+from capdiff.models.hub import load_pretrained
+
+
+def build_unet(name_or_path: str | None, config: dict | None) -> UNet2DConditionModel:
+    if name_or_path:
+        kwargs = {"subfolder": "unet"} if _has_subfolder(name_or_path, "unet") else {}
+        return load_pretrained(UNet2DConditionModel.from_pretrained, name_or_path, "model.unet.name_or_path", **kwargs)
+    return UNet2DConditionModel(**(config or {}))
+
+
+def build_vae(name_or_path: str) -> AutoencoderKL:
+    kwargs = {"subfolder": "vae"} if _has_subfolder(name_or_path, "vae") else {}
+    return load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "model.vae.name_or_path", **kwargs)
+
+
+def _has_subfolder(path: str, name: str) -> bool:
+    return (Path(path) / name / "config.json").is_file()
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        prediction_type: str = "epsilon",
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "scaled_linear",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        min_snr_gamma: float = 5.0,
+        zero_terminal_snr: bool = False,
+    ) -> None:
+        super().__init__()
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"model.diffusion.prediction_type={prediction_type!r}: use 'epsilon' or 'v_prediction'.")
+        if zero_terminal_snr and prediction_type != "v_prediction":
+            raise ValueError(
+                "model.diffusion.zero_terminal_snr=true needs model.diffusion.prediction_type=v_prediction "
+                "(ε-prediction is undefined at zero SNR; Lin et al., 2024)."
+            )
+        self.unet = unet
+        self.vae = vae
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            prediction_type=prediction_type,
+            rescale_betas_zero_snr=zero_terminal_snr,
+            timestep_spacing="trailing" if zero_terminal_snr else "leading",
+            clip_sample=False,
+        )
+        self.min_snr_gamma = min_snr_gamma
+        alphas = self.scheduler.alphas_cumprod
+        self.register_buffer("snr", alphas / (1 - alphas).clamp_min(1e-12), persistent=False)
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        super().train(mode)
+        self.vae.eval()  # frozen: no dropout, no running statistics
+        return self
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """DDIM for sampling, from the training config (clip_sample off, set_alpha_to_one off, steps_offset 1)."""
+        return DDIMScheduler.from_config(
+            self.scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1
+        )
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample() if sample else posterior.mode()
+        return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+
+    def loss(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        cond_mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoising loss at random timesteps (given ones in tests), min-SNR-γ weighted."""
+        batch = latents.shape[0]
+        noise = torch.randn_like(latents) if noise is None else noise
+        if timesteps is None:
+            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=cond, encoder_attention_mask=cond_mask).sample
+        return diffusion_loss(
+            prediction, target, self.snr[timesteps], self.scheduler.config.prediction_type, self.min_snr_gamma
+        )

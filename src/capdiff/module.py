@@ -1,0 +1,332 @@
+"""The JointModule: one LightningModule that trains the captioner, the latent DDIM UNet and the contrastive
+alignment together (DESIGN §1, §4).
+
+loss = λ_diff·L_diff + λ_cap·L_cap + λ_con·L_con from `model.loss.weights`. A term with weight 0 is not
+computed, and the parts only it uses are not built (or, when shared, are frozen), so they get no optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from capdiff.losses import caption_loss, contrastive_loss
+from capdiff.models.conditioner import TextConditioner
+from capdiff.models.contrastive import LogitScale
+from capdiff.models.diffusion import LatentDiffusion, build_unet, build_vae
+from capdiff.models.language import LanguageModel
+from capdiff.models.lora import add_lora, freeze
+from capdiff.models.tokenizer import load_tokenizer
+from capdiff.models.vision import VisionEncoder
+from capdiff.sampling import ddim_sample
+
+TERMS = ("diffusion", "caption", "contrastive")
+
+
+class JointModule(pl.LightningModule):
+    def __init__(
+        self,
+        llm: dict,
+        unet: dict,
+        vae: dict,
+        vision: dict | None = None,
+        conditioner: dict | None = None,
+        diffusion: dict | None = None,
+        contrastive: dict | None = None,
+        loss: dict | None = None,
+        optim: dict | None = None,
+        image_size: int = 32,
+        caption_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        weights = {t: float(((loss or {}).get("weights") or {}).get(t, 0.0)) for t in TERMS}
+        if not any(weights.values()):
+            raise ValueError("model.loss.weights are all 0: give at least one of diffusion, caption, contrastive.")
+        self.weights = weights
+        self.caption_dropout = caption_dropout
+        self.optim = dict(optim or {})
+        contrastive = dict(contrastive or {})
+        embed_dim = int(contrastive.get("embed_dim", 256))
+
+        tokenizer_key = "model.llm.tokenizer" if llm.get("tokenizer") else "model.llm.name_or_path"
+        tokenizer = load_tokenizer(llm.get("tokenizer") or llm["name_or_path"], tokenizer_key)
+        self.llm = LanguageModel.build(
+            llm.get("name_or_path"),
+            llm.get("config"),
+            tokenizer,
+            prompt=llm.get("prompt", ""),
+            max_tokens=int(llm.get("max_tokens", 48)),
+        )
+        _configure_part(self.llm.lm, llm, "model.llm", checkpointing=lambda m: m.gradient_checkpointing_enable())
+
+        self.vision = None
+        if weights["caption"] or weights["contrastive"]:
+            vision = dict(vision or {})
+            self.vision = VisionEncoder.build(
+                vision.get("name_or_path"),
+                vision.get("config"),
+                llm_dim=self.llm.hidden_size,
+                embed_dim=embed_dim,
+                **(vision.get("resampler") or {}),
+            )
+            if vision.get("freeze"):
+                freeze(self.vision.tower)
+            check_positions(self.llm, self.vision.resampler.queries.shape[0])
+
+        self.diffusion = None
+        cross_dim = self.llm.hidden_size
+        if weights["diffusion"]:
+            net = build_unet(unet.get("name_or_path"), unet.get("config"))
+            autoencoder = build_vae(vae["name_or_path"])
+            check_dimensions(net, autoencoder, image_size, self.llm.hidden_size, conditioner or {})
+            self.diffusion = LatentDiffusion(net, autoencoder, **(diffusion or {}))
+            _configure_part(net, unet, "model.unet", checkpointing=lambda m: m.enable_gradient_checkpointing())
+            cross_dim = net.config.cross_attention_dim
+
+        self.conditioner = None
+        if weights["diffusion"] or weights["contrastive"]:
+            options = {k: v for k, v in (conditioner or {}).items() if k in ("hidden", "pool")}
+            self.conditioner = TextConditioner(self.llm.hidden_size, cross_dim, embed_dim, **options)
+        self.logit_scale = None
+        if weights["contrastive"]:
+            self.logit_scale = LogitScale(
+                contrastive.get("init_temperature", 0.07), contrastive.get("max_logit_scale", 100.0)
+            )
+        self._freeze_unused()
+
+    # ----------------------------------------------------------------- parts
+    def _freeze_unused(self) -> None:
+        """Parameters no active term reaches stay out of the optimizer (and out of DDP's gradient sync)."""
+        if self.vision is not None and not self.weights["caption"]:
+            freeze(self.vision.to_prefix)
+        if self.vision is not None and not self.weights["contrastive"]:
+            freeze(self.vision.to_embed)
+        if self.conditioner is not None and not self.weights["contrastive"]:
+            freeze(self.conditioner.to_embed)
+        if self.conditioner is not None and not self.weights["diffusion"]:
+            freeze(self.conditioner.connector)
+        if not self.weights["caption"]:
+            head = self.llm.lm.get_output_embeddings()
+            if head is not None and head.weight is not self.llm.lm.get_input_embeddings().weight:
+                freeze(head)
+
+    def param_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters by part: `llm`, `vision` (tower + resampler), `heads`, `unet`."""
+        groups: dict[str, list] = {"llm": [], "vision": [], "heads": [], "unet": []}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            if name.startswith("llm."):
+                groups["llm"].append((name, param))
+            elif name.startswith(("vision.tower.", "vision.resampler.")):
+                groups["vision"].append((name, param))
+            elif name.startswith("diffusion.unet."):
+                groups["unet"].append((name, param))
+            else:
+                groups["heads"].append((name, param))
+        return {k: v for k, v in groups.items() if v}
+
+    def ema_parameters(self) -> dict[str, nn.Parameter]:
+        """What the EMA callback averages: the trainable UNet and connector weights."""
+        return {
+            n: p
+            for n, p in self.named_parameters()
+            if p.requires_grad and n.startswith(("diffusion.unet.", "conditioner.connector."))
+        }
+
+    # ------------------------------------------------------------------ steps
+    def _condition(self, captions: list[str], embed: bool) -> dict[str, torch.Tensor]:
+        text = self.llm.text_hidden(captions)
+        return self.conditioner(text["hidden"], text["mask"], embed=embed)
+
+    def empty_condition(self, length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed empty-prompt condition (classifier-free guidance), padded to `length` tokens."""
+        empty = self._condition([""], embed=False)
+        cond = torch.zeros(batch, length, empty["cond"].shape[-1], device=self.device, dtype=empty["cond"].dtype)
+        cond = cond + nn.functional.pad(empty["cond"], (0, 0, 0, length - empty["cond"].shape[1]))
+        mask = torch.zeros(batch, length, dtype=torch.long, device=self.device)
+        mask[:, : empty["cond_mask"].shape[1]] = 1
+        return cond, mask
+
+    def _drop_captions(self, cond: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        drop = torch.rand(cond.shape[0], device=cond.device) < self.caption_dropout
+        if not drop.any():
+            return cond, mask
+        empty, empty_mask = self.empty_condition(cond.shape[1], cond.shape[0])
+        return torch.where(drop[:, None, None], empty, cond), torch.where(drop[:, None], empty_mask, mask)
+
+    def losses(self, batch: dict, stage: str, batch_idx: int = 0) -> dict[str, torch.Tensor]:
+        """`{"<term>_loss": ...}` for every active term, and `loss`, their weighted sum."""
+        pixels, captions = batch["pixels"], batch["captions"]
+        out: dict[str, torch.Tensor] = {}
+        vision = self.vision(pixels) if self.vision is not None else None
+        if self.weights["caption"]:
+            teacher = self.llm.caption_logits(vision["prefix"], captions)
+            out["caption_loss"] = caption_loss(teacher["logits"], teacher["labels"])
+        cond = self._condition(captions, embed=bool(self.weights["contrastive"])) if self.conditioner else None
+        if self.weights["contrastive"]:
+            out["contrastive_loss"] = contrastive_loss(
+                vision["image_embed"], cond["text_embed"], self.logit_scale(), gather=stage == "train"
+            )
+        if self.weights["diffusion"]:
+            latents = self.diffusion.encode(pixels)
+            noise = timesteps = None
+            if stage == "train":
+                text, text_mask = self._drop_captions(cond["cond"], cond["cond_mask"])
+            else:  # the same noise and timesteps at every validation, so the curve is comparable
+                text, text_mask = cond["cond"], cond["cond_mask"]
+                generator = torch.Generator().manual_seed(batch_idx)
+                noise = torch.randn(latents.shape, generator=generator).to(latents)
+                steps = self.diffusion.scheduler.config.num_train_timesteps
+                timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(latents.device)
+            out["diffusion_loss"] = self.diffusion.loss(latents, text, text_mask, noise=noise, timesteps=timesteps)
+        out["loss"] = sum(self.weights[name.removesuffix("_loss")] * value for name, value in out.items())
+        return out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch, "train", batch_idx)
+        size = batch["pixels"].shape[0]
+        for name, value in out.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=size)
+        if self.logit_scale is not None:
+            self.log("train/logit_scale", self.logit_scale(), on_step=True, batch_size=size)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        for reason, count in (getattr(datamodule, "skipped", None) or {}).items():
+            self.log(f"data/skipped_{reason}", float(count), on_step=True, reduce_fx="sum", batch_size=size)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.losses(batch, "val", batch_idx)
+        size = batch["pixels"].shape[0]
+        for name, value in out.items():
+            self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, prog_bar=name == "loss", batch_size=size)
+
+    # -------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        base = {"lr": 3e-4, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_steps": 100, "min_lr_ratio": 0.1}
+        optim = base | {k: v for k, v in self.optim.items() if k != "groups"}
+        per_group = self.optim.get("groups") or {}
+        groups = []
+        for part, named in self.param_groups().items():
+            settings = {"lr": optim["lr"], "weight_decay": optim["weight_decay"]} | (per_group.get(part) or {})
+            decay = [p for n, p in named if p.ndim >= 2]
+            no_decay = [p for n, p in named if p.ndim < 2]
+            groups.append({"params": decay, "name": part, **settings})
+            if no_decay:
+                groups.append(
+                    {"params": no_decay, "name": f"{part}_no_decay", "lr": settings["lr"], "weight_decay": 0.0}
+                )
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, betas=tuple(optim["betas"]), fused=fused)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+        schedule = warmup_cosine(int(optim["warmup_steps"]), total, float(optim["min_lr_ratio"]))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------- use
+    @torch.no_grad()
+    def caption(self, pixels: torch.Tensor, **generate_kwargs) -> list[str]:
+        if self.vision is None:
+            raise RuntimeError("this model was trained without the captioner (model.loss.weights.caption=0).")
+        return self.llm.generate(self.vision(pixels.to(self.device))["prefix"], **generate_kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], steps: int = 50, guidance_scale: float = 4.0, eta: float = 0.0, seed: int = 0
+    ) -> torch.Tensor:
+        """Images in `[-1, 1]` for `prompts` by DDIM with classifier-free guidance."""
+        if self.diffusion is None:
+            raise RuntimeError("this model was trained without the UNet (model.loss.weights.diffusion=0).")
+        cond = self._condition(prompts, embed=False)
+        empty, empty_mask = self.empty_condition(cond["cond"].shape[1], len(prompts))
+        latents = ddim_sample(
+            self.diffusion,
+            cond["cond"],
+            cond["cond_mask"],
+            empty,
+            empty_mask,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            eta=eta,
+            seed=seed,
+        )
+        return self.diffusion.decode(latents)
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to the base LR, then a cosine decay to `min_ratio` of it at the last step."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _configure_part(model: nn.Module, spec: dict, key: str, checkpointing) -> None:
+    lora = spec.get("lora") or {}
+    if lora.get("enabled"):
+        add_lora(
+            model,
+            int(lora.get("r", 8)),
+            float(lora.get("alpha", 16)),
+            float(lora.get("dropout", 0.0)),
+            list(lora.get("target_modules") or []),
+            f"{key}.lora",
+        )
+    elif spec.get("freeze"):
+        freeze(model)
+    if spec.get("gradient_checkpointing"):
+        checkpointing(model)
+
+
+def check_positions(llm: LanguageModel, num_queries: int) -> None:
+    """The caption sequence (prefix + prompt + caption) must fit the LLM's position table."""
+    positions = getattr(llm.lm.config, "max_position_embeddings", None)
+    needed = num_queries + len(llm.prompt_ids) + llm.max_tokens
+    if positions is not None and needed > positions:
+        raise ValueError(
+            f"model.vision.resampler.num_queries={num_queries} + the prompt ({len(llm.prompt_ids)} tokens) + "
+            f"model.llm.max_tokens={llm.max_tokens} = {needed} exceeds the LLM's {positions} positions: set "
+            f"model.llm.max_tokens={max(1, positions - num_queries - len(llm.prompt_ids))} or fewer queries."
+        )
+
+
+def check_dimensions(unet, vae, image_size: int, llm_dim: int, conditioner: dict) -> None:
+    """Fail at construction, naming both config keys and the value that would fit."""
+    cross = unet.config.cross_attention_dim
+    if conditioner.get("in_dim") not in (None, llm_dim):
+        raise ValueError(
+            f"model.conditioner.in_dim={conditioner['in_dim']} but the LLM (model.llm) has hidden size {llm_dim}: "
+            f"set model.conditioner.in_dim={llm_dim} (or null to follow the LLM)."
+        )
+    if conditioner.get("out_dim") not in (None, cross):
+        raise ValueError(
+            f"model.conditioner.out_dim={conditioner['out_dim']} but model.unet.config.cross_attention_dim={cross}: "
+            f"set model.conditioner.out_dim={cross} (or null to follow the UNet)."
+        )
+    latent_channels = vae.config.latent_channels
+    for side in ("in_channels", "out_channels"):
+        if unet.config[side] != latent_channels:
+            raise ValueError(
+                f"model.unet.config.{side}={unet.config[side]} but the VAE (model.vae.name_or_path) makes "
+                f"{latent_channels}-channel latents: set model.unet.config.{side}={latent_channels}."
+            )
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % factor:
+        raise ValueError(f"data.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}.")
+    latent_size = image_size // factor
+    sample_size = unet.config.sample_size
+    if sample_size is not None and sample_size != latent_size:
+        raise ValueError(
+            f"data.image_size={image_size} gives {latent_size}×{latent_size} latents (VAE ÷{factor}) but "
+            f"model.unet.config.sample_size={sample_size}: set model.unet.config.sample_size={latent_size} "
+            f"or data.image_size={sample_size * factor}."
+        )

@@ -1,0 +1,104 @@
+"""Artefacts a run derives from its own data before the joint model is built, cached under `paths.data_dir`:
+the tiny preset's tokenizer and its first-stage autoencoder. Each is keyed by the data and the settings that
+made it, built once, and reused by later runs (and by the other ranks of a DDP run, which wait for rank 0)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import webdataset as wds
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from capdiff.autoencoder import train_autoencoder
+from capdiff.data import ImageTextDataModule
+from capdiff.data.decode import BadSample, decode_captions
+from capdiff.models.tokenizer import build_byte_bpe
+
+log = logging.getLogger(__name__)
+
+
+def cache_folder(root: str | Path, kind: str, datamodule: ImageTextDataModule, settings: dict) -> Path:
+    identity = {"urls": datamodule.train_urls, "caption_key": datamodule.caption_key.spec, "settings": settings}
+    digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = Path(datamodule.train_urls[0]).parent.name or "data"
+    return Path(root) / kind / f"{name}-{digest}"
+
+
+def _wait_for(folder: Path, what: str, timeout_s: float = 3600) -> Path:
+    """Ranks other than local rank 0 wait for the folder rank 0 builds."""
+    start = time.monotonic()
+    while not folder.is_dir():
+        if time.monotonic() - start > timeout_s:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to build the {what} at {folder}")
+        time.sleep(2)
+    return folder
+
+
+def _is_builder() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def training_captions(datamodule: ImageTextDataModule, limit: int) -> Iterator[str]:
+    count = 0
+    for sample in wds.tarfile_samples([{"url": u} for u in datamodule.train_urls], handler=wds.warn_and_continue):
+        try:
+            captions = decode_captions(sample, datamodule.caption_key)
+        except BadSample:
+            continue
+        yield from captions
+        count += 1
+        if count >= limit:
+            return
+
+
+def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> None:
+    """`model.llm.tokenizer: null` with no pretrained LLM: build a byte-level BPE on the training captions."""
+    llm = cfg.model.llm
+    if llm.get("tokenizer") or llm.get("name_or_path"):
+        return
+    spec = OmegaConf.to_container(llm.get("build_tokenizer") or {}, resolve=True)
+    settings = {"vocab_size": int(spec.get("vocab_size", 512)), "captions": int(spec.get("captions", 20000))}
+    folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
+    if not folder.is_dir():
+        if _is_builder():
+            build_byte_bpe(training_captions(datamodule, settings["captions"]), folder, settings["vocab_size"])
+        else:
+            _wait_for(folder, "tokenizer")
+    with open_dict(cfg):
+        cfg.model.llm.tokenizer = str(folder)
+
+
+def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force: bool = False) -> Path | None:
+    """`model.vae.name_or_path: null`: train the first stage on the training data (once) and point to it."""
+    vae = cfg.model.get("vae") or {}
+    if vae.get("name_or_path") and not force:
+        return None
+    stage = OmegaConf.to_container(vae.get("first_stage") or {}, resolve=True)
+    if not stage:
+        raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")
+    settings = {"image_size": datamodule.image_size} | stage
+    folder = cache_folder(cfg.paths.data_dir, "autoencoders", datamodule, settings)
+    if force or not (folder / "config.json").is_file():
+        if _is_builder():
+            train_autoencoder(
+                datamodule,
+                folder,
+                config=stage["config"],
+                max_steps=int(stage.get("max_steps", 600)),
+                lr=float(stage.get("lr", 1e-3)),
+                kl_weight=float(stage.get("kl_weight", 1e-4)),
+                accelerator=cfg.trainer.get("accelerator", "cpu"),
+            )
+        else:
+            _wait_for(folder, "autoencoder")
+    else:
+        log.info("reusing the first-stage autoencoder in %s", folder)
+    with open_dict(cfg):
+        cfg.model.vae.name_or_path = str(folder)
+    return folder

@@ -1,0 +1,67 @@
+"""Each loss term on inputs whose answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from capdiff.losses import IGNORE, caption_loss, contrastive_loss, diffusion_loss
+from capdiff.models.contrastive import LogitScale
+
+
+def test_diffusion_loss_is_plain_mse_without_min_snr() -> None:
+    prediction, target = torch.zeros(2, 4, 3, 3), torch.ones(2, 4, 3, 3) * torch.tensor([1.0, 2.0]).view(2, 1, 1, 1)
+    loss = diffusion_loss(prediction, target, torch.tensor([1.0, 50.0]), "epsilon", min_snr_gamma=0)
+    assert loss.item() == pytest.approx((1 + 4) / 2)
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "weights"),
+    [("epsilon", [1.0, 5 / 10]), ("v_prediction", [1 / 2, 5 / 11])],  # min(SNR, γ)/SNR and min(SNR, γ)/(SNR + 1)
+)
+def test_min_snr_weights(prediction_type: str, weights: list[float]) -> None:
+    prediction, target = torch.zeros(2, 4, 2, 2), torch.ones(2, 4, 2, 2)
+    loss = diffusion_loss(prediction, target, torch.tensor([1.0, 10.0]), prediction_type, min_snr_gamma=5.0)
+    assert loss.item() == pytest.approx(sum(weights) / 2)
+
+
+def test_caption_loss_counts_only_labelled_positions() -> None:
+    vocab = 7
+    logits = torch.zeros(1, 5, vocab)  # uniform everywhere: −log(1/7) per counted token
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, IGNORE]])
+    assert caption_loss(logits, labels).item() == pytest.approx(math.log(vocab))
+    # a confident, correct prediction of label 3 (made at position 1) lowers the loss on that token only
+    logits[0, 1, 3] = 20.0
+    assert caption_loss(logits, labels).item() == pytest.approx(math.log(vocab) / 2, rel=1e-3)
+    # garbage at positions whose next label is ignored changes nothing
+    logits[0, 0] = torch.randn(vocab) * 50
+    logits[0, 4] = torch.randn(vocab) * 50
+    assert caption_loss(logits, labels).item() == pytest.approx(math.log(vocab) / 2, rel=1e-3)
+
+
+def test_contrastive_loss_matches_the_clip_formula() -> None:
+    torch.manual_seed(0)
+    image, text, scale = torch.randn(6, 8), torch.randn(6, 8), torch.tensor(10.0)
+    i, t = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    logits = scale * i @ t.T
+    expected = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
+    assert contrastive_loss(image, text, scale).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_contrastive_loss_is_small_for_aligned_pairs_and_large_for_shuffled() -> None:
+    embeddings = torch.eye(4)
+    aligned = contrastive_loss(embeddings, embeddings, torch.tensor(100.0))
+    shuffled = contrastive_loss(embeddings, embeddings.roll(1, dims=0), torch.tensor(100.0))
+    assert aligned.item() < 1e-6
+    assert shuffled.item() > 50
+
+
+def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100() -> None:
+    scale = LogitScale()
+    assert scale().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        scale.log_scale.fill_(10.0)
+    assert scale().item() == pytest.approx(100.0)

@@ -1,0 +1,127 @@
+"""Training as users run it: fit, checkpoints, resume, load_from_checkpoint, DDP, user shards."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from capdiff.module import JointModule
+from capdiff.train import train
+from tests.helpers import REPO, good_members, write_tar
+
+
+class Snapshot(pl.Callback):
+    """What the trainer holds when training starts: the step and the optimizer state."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.step = trainer.global_step
+        self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())  # steps update it in place
+
+
+def test_fit_writes_checkpoints_samples_and_metrics(smoke_cfg, tmp_path: Path) -> None:
+    metrics = train(smoke_cfg())
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "samples" / "generated_final.png").is_file()
+    assert (run / "samples" / "captions_final.jsonl").is_file()
+    assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
+    for term in ("diffusion", "caption", "contrastive"):
+        assert f"val/{term}_loss" in metrics
+
+
+def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(smoke_cfg, tmp_path: Path) -> None:
+    train(smoke_cfg())
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 4  # 32 samples / batch 8
+
+    snapshot = Snapshot()
+    train(smoke_cfg("trainer.max_epochs=2", f"ckpt_path={last}"), extra_callbacks=[snapshot])
+    assert snapshot.step == 4
+    restored = snapshot.optimizer["state"]
+    for index, state in saved["optimizer_states"][0]["state"].items():
+        torch.testing.assert_close(restored[index]["exp_avg"], state["exp_avg"])
+        assert restored[index]["step"] == state["step"]
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+
+
+def test_load_from_checkpoint_under_weights_only(smoke_cfg, tmp_path: Path) -> None:
+    train(smoke_cfg())
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)  # plain types only: no DictConfig, no pickled objects
+    assert isinstance(checkpoint["hyper_parameters"]["llm"], dict)
+    model = JointModule.load_from_checkpoint(path, map_location="cpu")
+    assert model.weights == {"diffusion": 1.0, "caption": 1.0, "contrastive": 0.1}
+    state = checkpoint["state_dict"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name])
+    images = model.generate(["a red circle"], steps=2, guidance_scale=2.0)
+    assert images.shape == (1, 3, 32, 32)
+    assert "EMA" in checkpoint["callbacks"]
+
+
+def run_script(tmp_path: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"CAPDIFF_ROOT": str(root)}
+    command = [
+        sys.executable,
+        "train.py",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "extras.print_config=false",
+        "experiment=smoke",
+        *overrides,
+    ]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_two_process_ddp_training_on_cpu(smoke_root: Path, tmp_path: Path) -> None:
+    done = run_script(tmp_path, smoke_root, "trainer=ddp_cpu", "trainer.devices=2", "data.num_workers=1")
+    assert done.returncode == 0, done.stderr[-4000:]
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # 32 samples per epoch over 2 ranks × batch 8: 2 steps (one process would take 4)
+    assert checkpoint["global_step"] == 2
+    assert "distributed_backend=gloo" in done.stderr + done.stdout
+    assert "MEMBER: 2/2" in done.stderr + done.stdout
+
+
+def test_train_script_on_user_shards(smoke_root: Path, tmp_path: Path) -> None:
+    for n in range(2):
+        write_tar(tmp_path / "mine" / f"{n}.tar", good_members(f"s{n}-", 12))
+    urls = str(tmp_path / "mine" / "{0..1}.tar")
+    done = run_script(
+        tmp_path,
+        smoke_root,
+        "data=webdataset",
+        "~data.shapes",  # the smoke experiment sizes the shapes set; these shards are ours
+        f"data.train_urls='{urls}'",
+        f"data.val_urls={tmp_path / 'mine' / '0.tar'}",
+        "data.num_workers=0",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_evaluate_reports_a_checkpoints_validation_losses(smoke_cfg, smoke_root: Path, tmp_path: Path) -> None:
+    train(smoke_cfg())
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    env = os.environ | {"CAPDIFF_ROOT": str(smoke_root)}
+    command = [
+        sys.executable,
+        "evaluate.py",
+        f"ckpt_path={checkpoint}",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        "extras.print_config=false",
+        "data.shapes.num_train=256",
+        "data.shapes.num_val=16",
+        "data.num_workers=0",
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"val/loss", "val/diffusion_loss", "val/caption_loss", "val/contrastive_loss"} <= set(metrics)
