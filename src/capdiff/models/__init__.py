@@ -1,0 +1,1 @@
+"""Plain nn.Modules: vision encoder, language model, conditioner, latent diffusion, contrastive temperature."""
