@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,3 +56,10 @@ def compose_config(root: Path, overrides: list[str], config: str = "train"):
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config, overrides=base + overrides)
+
+
+def run_entry_point(script: str, root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`python <script> ...` as a user runs it, with capdiff's data under `root` and the run in `run_dir`."""
+    env = os.environ | {"CAPDIFF_ROOT": str(root)}
+    command = [sys.executable, script, f"hydra.run.dir={run_dir}", "extras.print_config=false", *overrides]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

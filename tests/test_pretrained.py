@@ -105,6 +105,6 @@ def test_a_hub_name_offline_fails_fast_saying_how_to_pass_a_folder(smoke_cfg, sa
 def test_a_caption_sequence_longer_than_the_llm_fails_at_construction(smoke_cfg) -> None:
     cfg = smoke_cfg("model.llm.config.n_positions=16", "model.llm.max_tokens=40")
     with pytest.raises(
-        ValueError, match=r"num_queries=4 .* model.llm.max_tokens=40 = 44 exceeds the LLM's 16 positions"
+        ValueError, match=r"image prefix \(21 tokens.* model.llm.max_tokens=40 = 61 exceeds the LLM's 16 positions"
     ):
         build_model(cfg, build_datamodule(cfg))

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import run_entry_point
 
 
 def run_train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"CAPDIFF_ROOT": str(tmp_path)}
-    command = [
-        sys.executable,
-        "train.py",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "extras.print_config=false",
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_entry_point("train.py", tmp_path, tmp_path / "run", *overrides)
 
 
 def test_a_bad_config_fails_before_any_work_with_the_key_named(tmp_path: Path) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,7 +12,7 @@ import torch
 
 from capdiff.module import JointModule
 from capdiff.train import train
-from tests.helpers import REPO, good_members, write_tar
+from tests.helpers import good_members, run_entry_point, write_tar
 
 
 class Snapshot(pl.Callback):
@@ -68,16 +66,7 @@ def test_load_from_checkpoint_under_weights_only(smoke_cfg, tmp_path: Path) -> N
 
 
 def run_script(tmp_path: Path, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"CAPDIFF_ROOT": str(root)}
-    command = [
-        sys.executable,
-        "train.py",
-        f"hydra.run.dir={tmp_path / 'run'}",
-        "extras.print_config=false",
-        "experiment=smoke",
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_entry_point("train.py", root, tmp_path / "run", "experiment=smoke", *overrides)
 
 
 def test_two_process_ddp_training_on_cpu(smoke_root: Path, tmp_path: Path) -> None:
@@ -110,18 +99,15 @@ def test_train_script_on_user_shards(smoke_root: Path, tmp_path: Path) -> None:
 def test_evaluate_reports_a_checkpoints_validation_losses(smoke_cfg, smoke_root: Path, tmp_path: Path) -> None:
     train(smoke_cfg())
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    env = os.environ | {"CAPDIFF_ROOT": str(smoke_root)}
-    command = [
-        sys.executable,
+    done = run_entry_point(
         "evaluate.py",
+        smoke_root,
+        tmp_path / "eval",
         f"ckpt_path={checkpoint}",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-        "extras.print_config=false",
         "data.shapes.num_train=256",
         "data.shapes.num_val=16",
         "data.num_workers=0",
-    ]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"val/loss", "val/diffusion_loss", "val/caption_loss", "val/contrastive_loss"} <= set(metrics)

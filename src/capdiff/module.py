@@ -76,7 +76,7 @@ class JointModule(pl.LightningModule):
             )
             if vision.get("freeze"):
                 freeze(self.vision.tower)
-            check_positions(self.llm, self.vision.resampler.queries.shape[0])
+            check_positions(self.llm, self.vision.num_tokens)
 
         self.diffusion = None
         cross_dim = self.llm.hidden_size
@@ -287,15 +287,16 @@ def _configure_part(model: nn.Module, spec: dict, key: str, checkpointing) -> No
         checkpointing(model)
 
 
-def check_positions(llm: LanguageModel, num_queries: int) -> None:
+def check_positions(llm: LanguageModel, prefix: int) -> None:
     """The caption sequence (prefix + prompt + caption) must fit the LLM's position table."""
     positions = getattr(llm.lm.config, "max_position_embeddings", None)
-    needed = num_queries + len(llm.prompt_ids) + llm.max_tokens
+    needed = prefix + len(llm.prompt_ids) + llm.max_tokens
     if positions is not None and needed > positions:
         raise ValueError(
-            f"model.vision.resampler.num_queries={num_queries} + the prompt ({len(llm.prompt_ids)} tokens) + "
-            f"model.llm.max_tokens={llm.max_tokens} = {needed} exceeds the LLM's {positions} positions: set "
-            f"model.llm.max_tokens={max(1, positions - num_queries - len(llm.prompt_ids))} or fewer queries."
+            f"the image prefix ({prefix} tokens: model.vision.resampler.num_queries + model.vision.resampler.grid²)"
+            f" + the prompt ({len(llm.prompt_ids)} tokens) + model.llm.max_tokens={llm.max_tokens} = {needed} "
+            f"exceeds the LLM's {positions} positions: set "
+            f"model.llm.max_tokens={max(1, positions - prefix - len(llm.prompt_ids))} or use fewer prefix tokens."
         )
 
 
