@@ -53,6 +53,11 @@ class JointModule(pl.LightningModule):
         contrastive = dict(contrastive or {})
         embed_dim = int(contrastive.get("embed_dim", 256))
 
+        if not (llm.get("tokenizer") or llm.get("name_or_path")):
+            raise ValueError(
+                "model.llm.tokenizer and model.llm.name_or_path are both null: name a pretrained LLM, or build the "
+                "tiny preset through train.py (capdiff.train.build_model), which makes its tokenizer from the data."
+            )
         tokenizer_key = "model.llm.tokenizer" if llm.get("tokenizer") else "model.llm.name_or_path"
         tokenizer = load_tokenizer(llm.get("tokenizer") or llm["name_or_path"], tokenizer_key)
         self.llm = LanguageModel.build(
