@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import webdataset as wds
 from PIL import Image
 
 from capdiff.data import ShapesDataModule
-from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, make_sample
+from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ensure_split, make_sample
 
 
 def shapes(root: Path, **kwargs) -> ShapesDataModule:
@@ -89,3 +90,13 @@ def test_shapes_stream_through_the_standard_pipeline(tmp_path: Path) -> None:
     assert len(list(dm.val_dataloader())) == 1
     for caption in batch["captions"]:
         assert any(shape in caption for shape in SHAPES)
+
+
+def test_other_ranks_wait_for_the_shards_instead_of_writing_them(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    urls = [str(tmp_path / "train-0.tar")]
+    with pytest.raises(TimeoutError, match="local rank 0"):
+        ensure_split(urls, "train", 4, 0, 32, wait_s=0.5)
+    assert not (tmp_path / "train-0.tar").exists()
+    ensure_split(urls, "train", 4, 0, 32)  # what local rank 0 does
+    assert ensure_split(urls, "train", 4, 0, 32, wait_s=0.5) is False  # found at once

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,8 +118,14 @@ def write_split(paths: Sequence[Path], split: str, num_samples: int, seed: int, 
         partial.replace(path)
 
 
-def ensure_split(urls: list[str], split: str, num_samples: int, seed: int, image_size: int) -> bool:
-    """Write the split's shards unless a manifest says the same ones exist; True when it wrote them."""
+def ensure_split(
+    urls: list[str], split: str, num_samples: int, seed: int, image_size: int, wait_s: float = 0.0
+) -> bool:
+    """Write the split's shards unless a manifest says the same ones exist; True when it wrote them.
+
+    With `wait_s` > 0 (DDP ranks other than each node's first) it only waits for another process to write
+    them, so two processes never write the same files.
+    """
     paths = [local_path(u) for u in urls]
     if any(p is None for p in paths):
         raise ValueError(f"data.{split}_urls for the shapes dataset must be local paths, got {urls[0]!r}.")
@@ -131,16 +138,28 @@ def ensure_split(urls: list[str], split: str, num_samples: int, seed: int, image
         "image_size": image_size,
         "shards": [p.name for p in paths],
     }
-    if manifest.is_file() and all(p.is_file() for p in paths):
-        try:
-            if json.loads(manifest.read_text()) == wanted:
-                return False
-        except ValueError:
-            log.warning("unreadable %s; rewriting the %s shards", manifest, split)
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _manifest_matches(manifest, wanted) and all(p.is_file() for p in paths):
+            return False
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    if wait_s:
+        raise TimeoutError(
+            f"waited {wait_s:.0f} s for local rank 0 to write the shapes {split} shards in {manifest.parent}"
+        )
     log.info("writing %d shapes %s samples to %d shards in %s", num_samples, split, len(paths), paths[0].parent)
     write_split(paths, split, num_samples, seed, image_size)
     manifest.write_text(json.dumps(wanted, indent=1))
     return True
+
+
+def _manifest_matches(manifest: Path, wanted: dict) -> bool:
+    try:
+        return json.loads(manifest.read_text()) == wanted
+    except (OSError, ValueError):
+        return False
 
 
 class ShapesDataModule(ImageTextDataModule):
@@ -157,6 +176,7 @@ class ShapesDataModule(ImageTextDataModule):
             raise ValueError(f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed.")
 
     def prepare_data(self) -> None:
-        ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size)
+        wait_s = 0.0 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 600.0
+        ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
         if self.val_urls:
-            ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size)
+            ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)
