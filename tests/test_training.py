@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from diffusers import AutoencoderKL
 
 from capdiff.module import JointModule
 from capdiff.train import train
@@ -111,3 +112,12 @@ def test_evaluate_reports_a_checkpoints_validation_losses(smoke_cfg, smoke_root:
     assert done.returncode == 0, done.stderr[-4000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"val/loss", "val/diffusion_loss", "val/caption_loss", "val/contrastive_loss"} <= set(metrics)
+
+
+def test_the_autoencoder_stage_alone_retrains_and_saves_a_diffusers_vae(smoke_cfg) -> None:
+    cfg = smoke_cfg("stage=autoencoder")
+    metrics = train(cfg)
+    assert metrics["autoencoder/val_rec_loss"] > 0
+    vae = AutoencoderKL.from_pretrained(cfg.model.vae.name_or_path)
+    assert vae.config.scaling_factor != 0.18215  # measured on the data, not the SD default
+    assert vae.config.block_out_channels == [16, 32]
