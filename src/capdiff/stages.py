@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from capdiff.autoencoder import train_autoencoder
 from capdiff.data import ImageTextDataModule
 from capdiff.data.decode import BadSample, decode_captions
 from capdiff.models.tokenizer import build_byte_bpe
+from capdiff.ranks import is_node_leader, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +27,6 @@ def cache_folder(root: str | Path, kind: str, datamodule: ImageTextDataModule, s
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = Path(datamodule.train_urls[0]).parent.name or "data"
     return Path(root) / kind / f"{name}-{digest}"
-
-
-def _wait_for(folder: Path, what: str, timeout_s: float = 3600) -> Path:
-    """Ranks other than local rank 0 wait for the folder rank 0 builds."""
-    start = time.monotonic()
-    while not folder.is_dir():
-        if time.monotonic() - start > timeout_s:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for rank 0 to build the {what} at {folder}")
-        time.sleep(2)
-    return folder
-
-
-def _is_builder() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def training_captions(datamodule: ImageTextDataModule, limit: int) -> Iterator[str]:
@@ -66,10 +51,10 @@ def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> None:
     settings = {"vocab_size": int(spec.get("vocab_size", 512)), "captions": int(spec.get("captions", 20000))}
     folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
     if not folder.is_dir():
-        if _is_builder():
+        if is_node_leader():
             build_byte_bpe(training_captions(datamodule, settings["captions"]), folder, settings["vocab_size"])
         else:
-            _wait_for(folder, "tokenizer")
+            wait_until(folder.is_dir, 3600, f"the tokenizer in {folder}")
     with open_dict(cfg):
         cfg.model.llm.tokenizer = str(folder)
 
@@ -85,7 +70,7 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
     settings = {"image_size": datamodule.image_size} | stage
     folder = cache_folder(cfg.paths.data_dir, "autoencoders", datamodule, settings)
     if force or not (folder / "config.json").is_file():
-        if _is_builder():
+        if is_node_leader():
             train_autoencoder(
                 datamodule,
                 folder,
@@ -96,7 +81,7 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
                 accelerator=cfg.trainer.get("accelerator", "cpu"),
             )
         else:
-            _wait_for(folder, "autoencoder")
+            wait_until((folder / "config.json").is_file, 3600, f"the first-stage autoencoder in {folder}")
     else:
         log.info("reusing the first-stage autoencoder in %s", folder)
     with open_dict(cfg):

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from capdiff.data.datamodule import ImageTextDataModule
 from capdiff.data.urls import local_path
+from capdiff.ranks import is_node_leader, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +138,15 @@ def ensure_split(
         "image_size": image_size,
         "shards": [p.name for p in paths],
     }
-    deadline = time.monotonic() + wait_s
-    while True:
-        if _manifest_matches(manifest, wanted) and all(p.is_file() for p in paths):
-            return False
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
+
+    def ready() -> bool:
+        return _manifest_matches(manifest, wanted) and all(p.is_file() for p in paths)
+
     if wait_s:
-        raise TimeoutError(
-            f"waited {wait_s:.0f} s for local rank 0 to write the shapes {split} shards in {manifest.parent}"
-        )
+        wait_until(ready, wait_s, f"the shapes {split} shards in {manifest.parent}")
+        return False
+    if ready():
+        return False
     log.info("writing %d shapes %s samples to %d shards in %s", num_samples, split, len(paths), paths[0].parent)
     write_split(paths, split, num_samples, seed, image_size)
     manifest.write_text(json.dumps(wanted, indent=1))
@@ -176,7 +174,7 @@ class ShapesDataModule(ImageTextDataModule):
             raise ValueError(f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed.")
 
     def prepare_data(self) -> None:
-        wait_s = 0.0 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 600.0
+        wait_s = 0.0 if is_node_leader() else 600.0
         ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)
