@@ -88,6 +88,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.skip_log_every_s = skip_log_every_s
         self.skip_counter = SkipCounter()
         self.epoch = SharedEpoch()
+        self._shards_checked = False
         self.train_stream: TrainStream | None = None
         self.val_stream: ValStream | None = None
 
@@ -98,8 +99,8 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     def setup_streams(self, rank: int, world_size: int) -> None:
         """Check the shards and build the streams of one rank (tests call it to play several ranks)."""
+        self._check_shards()
         slots = world_size * max(1, self.num_workers)
-        check_local_shards(self.train_urls, "data.train_urls")
         if len(self.train_urls) < slots:
             raise ValueError(
                 f"data.train_urls has {len(self.train_urls)} shards but {world_size} ranks × "
@@ -107,9 +108,6 @@ class ImageTextDataModule(pl.LightningDataModule):
                 f"data.num_workers to {max(1, len(self.train_urls) // world_size)} or split the data into more "
                 "shards (`python -m capdiff.data.shards write --shard-size ...`)."
             )
-        if self.val_urls:
-            check_local_shards(self.val_urls, "data.val_urls")
-        self._check_caption_key()
         per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         workers = max(1, self.num_workers)
         train_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, self.random_crop)
@@ -137,6 +135,17 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.skip_counter,
             self.skip_log_every_s,
         )
+
+    def _check_shards(self) -> None:
+        """The checks that do not depend on the rank, done once however often the streams are rebuilt
+        (train.py builds them before the Trainer does again under its own rank)."""
+        if self._shards_checked:
+            return
+        check_local_shards(self.train_urls, "data.train_urls")
+        if self.val_urls:
+            check_local_shards(self.val_urls, "data.val_urls")
+        self._check_caption_key()
+        self._shards_checked = True
 
     def _samples_per_epoch(self) -> int:
         if self.samples_per_epoch is not None:
