@@ -24,13 +24,16 @@ log = logging.getLogger(__name__)
 
 
 class AutoencoderModule(pl.LightningModule):
-    def __init__(self, config: dict, lr: float = 1e-3, kl_weight: float = 1e-4, warmup_steps: int = 50) -> None:
+    def __init__(
+        self, config: dict, lr: float = 1e-3, kl_weight: float = 1e-4, warmup_steps: int = 50, total_steps: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.vae = AutoencoderKL(**config)
         self.lr = lr
         self.kl_weight = kl_weight
         self.warmup_steps = warmup_steps
+        self.total_steps = total_steps  # > 0: cosine decay to 0 at that step (sharper edges than a constant lr)
 
     def losses(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         posterior = self.vae.encode(pixels).latent_dist
@@ -48,8 +51,14 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / self.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+        from capdiff.module import warmup_cosine
+
+        if self.total_steps:
+            factor = warmup_cosine(self.warmup_steps, self.total_steps, 0.0)
+        else:
+            factor = lambda s: min(1.0, (s + 1) / self.warmup_steps)  # noqa: E731
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
     def measure_scaling_factor(self, loader, batches: int = 8) -> float:
@@ -65,7 +74,7 @@ def train_autoencoder(
     datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl_weight: float, accelerator: str = "cpu"
 ) -> Path:
     """Train, measure the scaling factor, save in diffusers format at `folder` (written whole, then renamed)."""
-    module = AutoencoderModule(config, lr=lr, kl_weight=kl_weight)
+    module = AutoencoderModule(config, lr=lr, kl_weight=kl_weight, total_steps=max_steps)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,

@@ -72,18 +72,25 @@ class VisionEncoder(nn.Module):
         layers: int = 2,
         heads: int = 4,
         grid: int = 4,
+        layout_tokens: int = 1,
     ) -> None:
         super().__init__()
+        if num_queries == 0 and not grid:
+            raise ValueError("model.vision.resampler: num_queries=0 and grid=0 leave no prefix tokens; set either.")
         self.grid = grid
+        self.layout_tokens = layout_tokens if grid else 0
         self.tower = tower
         # CLIP's post-layernorm only feeds its pooled output, which capdiff does not use: a trainable but
         # unused weight would make DDP's gradient sync fail.
         tower.post_layernorm.requires_grad_(False)
         tokens = (tower.config.image_size // tower.config.patch_size) ** 2 + 1  # patches and the class token
-        self.resampler = Resampler(tower.config.hidden_size, width, num_queries, layers, heads, tokens)
+        self.resampler = (
+            Resampler(tower.config.hidden_size, width, num_queries, layers, heads, tokens) if num_queries else None
+        )
         self.spatial = nn.Sequential(nn.Linear(tower.config.hidden_size, width), nn.LayerNorm(width)) if grid else None
-        # One more token that sees the whole grid at once, so "where" is as easy to read as "what colour".
-        self.layout = nn.Sequential(nn.Linear(grid * grid * width, width), nn.LayerNorm(width)) if grid else None
+        # Tokens that each see the whole grid at once, so "where" is as easy to read as "what colour".
+        self.layout = nn.Linear(grid * grid * width, self.layout_tokens * width) if self.layout_tokens else None
+        self.layout_norm = nn.LayerNorm(width) if self.layout_tokens else None
         self.to_prefix = nn.Linear(width, llm_dim)
         self.to_embed = nn.Linear(width, embed_dim, bias=False)
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -106,7 +113,8 @@ class VisionEncoder(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.resampler.queries.shape[0] + (self.grid**2 + 1 if self.grid else 0)
+        queries = self.resampler.queries.shape[0] if self.resampler is not None else 0
+        return queries + (self.grid**2 + self.layout_tokens if self.grid else 0)
 
     def spatial_tokens(self, features: torch.Tensor) -> torch.Tensor:
         patches = features[:, 1:]  # without the class token
@@ -117,8 +125,12 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.tower(pixel_values=self.preprocess(pixels)).last_hidden_state
-        tokens = self.resampler(features)
+        parts = [self.resampler(features)] if self.resampler is not None else []
         if self.spatial is not None:
             spatial = self.spatial_tokens(features)
-            tokens = torch.cat([tokens, spatial, self.layout(spatial.flatten(1)).unsqueeze(1)], dim=1)
+            parts.append(spatial)
+            if self.layout is not None:
+                layout = self.layout(spatial.flatten(1)).view(spatial.shape[0], self.layout_tokens, -1)
+                parts.append(self.layout_norm(layout))
+        tokens = torch.cat(parts, dim=1)
         return {"prefix": self.to_prefix(tokens), "image_embed": self.to_embed(tokens.mean(dim=1))}
