@@ -108,10 +108,15 @@ def test_evaluate_reports_a_checkpoints_validation_losses(smoke_cfg, smoke_root:
         "data.shapes.num_train=256",
         "data.shapes.num_val=16",
         "data.num_workers=0",
+        "eval.num_samples=4",
+        "eval.steps=2",
+        "eval.fid.feature=null",
+        "eval.probe=false",
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert {"val/loss", "val/diffusion_loss", "val/caption_loss", "val/contrastive_loss"} <= set(metrics)
+    assert not {"fd_probe", "probe_attr/mean"} & set(metrics)  # switched off: not computed
 
 
 def test_the_autoencoder_stage_alone_retrains_and_saves_a_diffusers_vae(smoke_cfg) -> None:

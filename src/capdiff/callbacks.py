@@ -77,6 +77,18 @@ def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
 
+def load_ema_weights(pl_module: pl.LightningModule, checkpoint: dict) -> bool:
+    """Copy the EMA callback's averaged weights from a loaded checkpoint into the module; False if it has none."""
+    state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)
+    if not state:
+        return False
+    params = pl_module.ema_parameters()
+    with torch.no_grad():
+        for name, value in state["shadow"].items():
+            params[name].copy_(value)
+    return True
+
+
 def caption_grid(images: torch.Tensor, texts: list[str], tile: int = 128, width: int = 24) -> Image.Image:
     """Images in `[-1, 1]` side by side, each with its text wrapped underneath."""
     font = ImageFont.load_default()

@@ -207,6 +207,10 @@ class ImageTextDataModule(pl.LightningDataModule):
             kwargs = {"pin_memory": self.pin_memory}
         return DataLoader(self.val_stream, batch_size=None, **kwargs)
 
+    def test_dataloader(self) -> DataLoader | list:
+        """Evaluation (`evaluate.py`) reads the validation split."""
+        return self.val_dataloader()
+
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch
 

@@ -1,0 +1,107 @@
+"""A small version of `evaluate.py` during training: every N steps, fixed validation images and prompts with
+fixed seeds, scored and logged (`peval/...`), so a run's curves show what the samples and captions are doing."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+
+from capdiff.callbacks import find_ema
+from capdiff.data.shapes import ShapesDataModule
+from capdiff.data.transforms import unit_to_uint8
+from capdiff.evaluation.shapes import ATTRIBUTES, PROBE_VERSION, attribute_accuracy, load_probe, parse_caption
+from capdiff.evaluation.text import caption_scores
+
+log = logging.getLogger(__name__)
+
+
+class PeriodicEval(pl.Callback):
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        num_samples: int = 32,
+        steps: int = 25,
+        guidance_scale: float = 4.0,
+        seed: int = 0,
+        cache_dir: str = "data",
+    ) -> None:
+        self.cache_dir = cache_dir  # where the shapes probe is cached (shared with evaluate.py)
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self._batch: dict | None = None
+        self._probe = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_steps:
+            self.run(trainer, pl_module)
+
+    def _fixed_batch(self, trainer: pl.Trainer) -> dict | None:
+        if self._batch is None:
+            loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
+            pixels, captions = [], []
+            for batch in loader:
+                pixels.append(batch["pixels"])
+                captions += batch["captions"]
+                if len(captions) >= self.num_samples:
+                    break
+            if captions:
+                n = self.num_samples
+                self._batch = {"pixels": torch.cat(pixels)[:n], "captions": captions[:n]}
+        return self._batch
+
+    def _shapes_probe(self, trainer: pl.Trainer):
+        datamodule = trainer.datamodule
+        if self._probe is None and isinstance(datamodule, ShapesDataModule):
+            from capdiff.stages import cache_folder
+
+            folder = cache_folder(self.cache_dir, "probes", datamodule, {"version": PROBE_VERSION})
+            self._probe = load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
+        return self._probe
+
+    @rank_zero_only
+    @torch.no_grad()
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        batch = self._fixed_batch(trainer)
+        if batch is None:
+            return
+        was_training = pl_module.training
+        pl_module.eval()
+        metrics: dict[str, float] = {}
+        pixels, captions = batch["pixels"].to(pl_module.device), batch["captions"]
+        truth = [parse_caption(c) for c in captions]
+        shapes = all(all(t.values()) for t in truth)
+        try:
+            if pl_module.vision is not None and pl_module.weights["caption"]:
+                generated = pl_module.caption(pixels)
+                metrics |= caption_scores(generated, [[c] for c in captions])
+                if shapes:
+                    scores = attribute_accuracy([parse_caption(g) for g in generated], truth)
+                    metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
+            probe = self._shapes_probe(trainer) if shapes else None
+            if pl_module.diffusion is not None and probe is not None:
+                ema = find_ema(trainer)
+                with ema.swapped(pl_module) if ema else nullcontext():
+                    images = pl_module.generate(
+                        captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
+                    )
+                scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
+                metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
+        finally:
+            pl_module.train(was_training)
+        metrics = {f"peval/{k}": v for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items() if k.endswith("/mean"))
+        log.info("step %d: %s", trainer.global_step, summary or "evaluated")

@@ -1,0 +1,242 @@
+"""One evaluation pass over validation data, as a Lightning test loop so it runs the same on one process or
+under DDP: every rank captions and generates for its share of the validation samples, FID/KID states sync
+through torchmetrics, and lists (captions, embeddings, probe predictions) are gathered to every rank before
+the corpus-level scores are computed. The metric modules live here, never in the JointModule's state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from capdiff.callbacks import caption_grid
+from capdiff.data.transforms import unit_to_uint8
+from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features
+from capdiff.evaluation.retrieval import retrieval_recall
+from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
+from capdiff.evaluation.text import caption_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSettings:
+    num_samples: int | None = 512
+    steps: int = 25
+    eta: float = 0.0
+    guidance_scales: list[float] = field(default_factory=lambda: [4.0])
+    seed: int = 0
+    batch_size: int = 64
+    caption: dict = field(default_factory=dict)  # generate() options: max_new_tokens, num_beams, do_sample, ...
+    prompts: list[str] | None = None  # None: the validation captions
+
+
+def gather(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def seed_for(text: str, base: int) -> int:
+    """A prompt's own seed: the same image for the same prompt whatever the batch or rank."""
+    return (base + zlib.crc32(text.encode())) % 2**31
+
+
+def attributes_named(text: str) -> dict[str, str]:
+    return {k: v for k, v in parse_caption(text).items() if v is not None}
+
+
+class Evaluator(pl.LightningModule):
+    def __init__(
+        self,
+        model: pl.LightningModule,
+        settings: EvalSettings,
+        out_dir: str | Path,
+        extractor: torch.nn.Module | None = None,
+        feature: str | None = None,
+        real_cache: tuple[Path, str] | None = None,
+        probe: torch.nn.Module | None = None,
+        clip_score=None,
+        kid_subset_size: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.settings = settings
+        self.out_dir = Path(out_dir)
+        self.extractor = extractor
+        self.probe = probe
+        self.clip_score = clip_score  # a torchmetrics CLIPScore, or None
+        self.real_cache = real_cache
+        self.distances = (
+            {g: ImageDistances(feature, extractor.num_features, kid_subset_size) for g in settings.guidance_scales}
+            if extractor is not None
+            else {}
+        )
+        self._cached_real = load_real_features(*real_cache) if (real_cache and extractor is not None) else None
+        self._real: list[torch.Tensor] = []
+        self._records: list[dict] = []  # one per validation sample seen by this rank
+        self._seen = 0
+        self.metrics: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- test loop: validation images
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        pixels, captions, keys = batch["pixels"], batch["captions"], batch["keys"]
+        if self.settings.num_samples is not None:
+            share = -(-self.settings.num_samples // self.trainer.world_size)
+            keep = max(0, min(len(keys), share - self._seen))
+            pixels, captions, keys = pixels[:keep], captions[:keep], keys[:keep]
+        if not keys:
+            return
+        self._seen += len(keys)
+        model = self.model
+        records = [{"key": k, "reference": c} for k, c in zip(keys, captions, strict=True)]
+        if model.vision is not None and model.weights["caption"]:
+            generated = model.caption(pixels, **self.settings.caption)
+            for record, text in zip(records, generated, strict=True):
+                record["generated"] = text
+        if model.vision is not None and model.logit_scale is not None:
+            image = model.vision(pixels)["image_embed"]
+            text = model._condition(list(captions), embed=True)["text_embed"]
+            for i, record in enumerate(records):
+                record["image_embed"], record["text_embed"] = image[i].float().cpu(), text[i].float().cpu()
+        if self.extractor is not None and self._cached_real is None:
+            features = self.extractor(unit_to_uint8(pixels)).double().cpu()
+            self._real.append(features)
+        self._records.extend(records)
+
+    # ------------------------------------------------------------------- then generation and scores
+    def on_test_epoch_end(self) -> None:
+        self._finish_real()
+        records = gather(self._records)
+        self.metrics["num_validation"] = len(records)
+        if records and "generated" in records[0]:
+            self._caption_metrics(records)
+        if records and "image_embed" in records[0]:
+            images = torch.stack([r["image_embed"] for r in records])
+            texts = torch.stack([r["text_embed"] for r in records])
+            self.metrics |= retrieval_recall(images, texts)
+        if self.model.diffusion is not None:
+            self._generate()
+
+    def _finish_real(self) -> None:
+        if self.extractor is None:
+            return
+        if self._cached_real is not None:
+            features = self._cached_real["features"]
+            mine = features[self.global_rank :: self.trainer.world_size]  # synced sums give the whole set
+            log.info("real-image features from the cache (%d images)", len(features))
+        else:
+            mine = torch.cat(self._real) if self._real else torch.zeros(0, self.extractor.num_features)
+            everything = torch.cat(gather([mine]))
+            if self.global_rank == 0 and self.real_cache is not None:
+                save_real_features(*self.real_cache, {"features": everything.float()})
+        for distances in self.distances.values():
+            if len(mine):
+                distances.update(mine, real=True)
+
+    def _caption_metrics(self, records: list[dict]) -> None:
+        generated = [r["generated"] for r in records]
+        self.metrics |= caption_scores(generated, [[r["reference"]] for r in records])
+        truth = [attributes_named(r["reference"]) for r in records]
+        if all(set(t) == set(ATTRIBUTES) for t in truth):  # the shapes data: every caption names all five
+            scores = attribute_accuracy([parse_caption(g) for g in generated], truth)
+            self.metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
+        if self.global_rank == 0:
+            with (self.out_dir / "captions.jsonl").open("w") as out:
+                for r in records:
+                    out.write(
+                        json.dumps({"key": r["key"], "reference": r["reference"], "generated": r["generated"]}) + "\n"
+                    )
+
+    def _prompts(self) -> list[str]:
+        if self.settings.prompts is not None:
+            prompts = list(self.settings.prompts)[: self.settings.num_samples]
+            return prompts[self.global_rank :: self.trainer.world_size]
+        return [r["reference"] for r in self._records]
+
+    def _generate(self) -> None:
+        prompts = self._prompts()
+        samples = self.out_dir / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        index: list[dict] = []
+        sweep = []
+        for scale in self.settings.guidance_scales:
+            results = self._generate_at(prompts, scale, samples, index)
+            sweep.append({"guidance_scale": scale} | results)
+        index = gather(index)
+        if self.global_rank == 0:
+            with (samples / "index.jsonl").open("w") as out:
+                for line in index:
+                    out.write(json.dumps(line) + "\n")
+        self.metrics |= {k: v for k, v in sweep[0].items() if k != "guidance_scale"}
+        if len(sweep) > 1:
+            self.metrics["guidance_sweep"] = sweep
+
+    def _generate_at(self, prompts: list[str], scale: float, samples: Path, index: list[dict]) -> dict[str, float]:
+        s = self.settings
+        predictions: list[dict] = []
+        truths: list[dict] = []
+        own_scores: list[float] = []
+        grid_images, grid_prompts = [], []
+        for start in range(0, len(prompts), s.batch_size):
+            chunk = prompts[start : start + s.batch_size]
+            seeds = [seed_for(p, s.seed) for p in chunk]
+            pixels = self.model.generate(chunk, steps=s.steps, guidance_scale=scale, eta=s.eta, seeds=seeds)
+            images = unit_to_uint8(pixels)
+            for i, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
+                name = f"g{scale:g}/r{self.global_rank}-{start + i:06d}.png"
+                (samples / name).parent.mkdir(parents=True, exist_ok=True)
+                _save_png(images[i], samples / name)
+                index.append({"prompt": prompt, "seed": seed, "guidance_scale": scale, "file": name})
+            if len(grid_images) < 16:
+                grid_images.append(pixels[: 16 - len(grid_images)])
+                grid_prompts += chunk[: len(grid_images[-1])]
+            if scale in self.distances:
+                self.distances[scale].update(self.extractor(images).double().cpu(), real=False)
+            if self.probe is not None:
+                predictions += self.probe.predict(images.cpu())
+                truths += [attributes_named(p) for p in chunk]
+            if self.clip_score is not None:
+                self.clip_score.update(images, chunk)
+            elif self.model.vision is not None and self.model.logit_scale is not None:
+                image = torch.nn.functional.normalize(self.model.vision(pixels)["image_embed"], dim=-1)
+                text = torch.nn.functional.normalize(self.model._condition(chunk, embed=True)["text_embed"], dim=-1)
+                own_scores += (100 * (image * text).sum(-1)).clamp(min=0).tolist()
+        results: dict[str, float] = {}
+        if scale in self.distances:
+            results |= self.distances[scale].compute()
+        if self.clip_score is not None:
+            results["clip_score"] = float(self.clip_score.compute())
+            self.clip_score.reset()
+        elif own_scores or self.model.logit_scale is not None:
+            scores = gather(own_scores)
+            results["capdiff_image_text_score"] = sum(scores) / max(1, len(scores))
+        if self.probe is not None:
+            predictions, truths = gather(predictions), gather(truths)
+            named = [(p, t) for p, t in zip(predictions, truths, strict=True) if t]
+            if named:
+                hits = {a: [p[a] == t[a] for p, t in named if a in t] for a in ATTRIBUTES}
+                results |= {f"probe_attr/{a}": sum(h) / len(h) for a, h in hits.items() if h}
+                per_attr = [v for k, v in results.items() if k.startswith("probe_attr/")]
+                results["probe_attr/mean"] = sum(per_attr) / len(per_attr)
+                results["probe_attr/all"] = sum(all(p[a] == t[a] for a in t) for p, t in named) / len(named)
+        if self.global_rank == 0 and grid_images:
+            caption_grid(torch.cat(grid_images), grid_prompts).save(self.out_dir / f"grid_g{scale:g}.png")
+        return results
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(path)

@@ -1,0 +1,216 @@
+"""Evaluation: metric maths against direct computations, the shapes checks, caching, and evaluate.py's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from capdiff.data.shapes import TEMPLATES
+from capdiff.data.transforms import unit_to_uint8
+from capdiff.evaluation.images import (
+    ImageDistances,
+    load_real_features,
+    metric_names,
+    real_stats_key,
+    save_real_features,
+)
+from capdiff.evaluation.retrieval import retrieval_recall
+from capdiff.evaluation.shapes import ShapesProbe, attribute_accuracy, parse_caption
+from capdiff.evaluation.text import caption_scores, cider_d
+from capdiff.train import train
+from tests.helpers import run_entry_point
+
+ATTRS = {"shape": "triangle", "color": "orange", "size": "small", "position": "bottom right", "background": "gray"}
+
+
+def _direct_fid(real: np.ndarray, fake: np.ndarray) -> float:
+    mu1, mu2 = real.mean(0), fake.mean(0)
+    s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def _direct_kid(real: np.ndarray, fake: np.ndarray) -> float:
+    """Unbiased MMD² with the polynomial kernel (x·y/d + 1)³ (Bińkowski et al., 2018)."""
+    d = real.shape[1]
+
+    def k(a, b):
+        return (a @ b.T / d + 1) ** 3
+
+    m = real.shape[0]
+    kxx, kyy, kxy = k(real, real), k(fake, fake), k(real, fake)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
+
+
+def test_fid_and_kid_match_a_direct_computation_on_known_features() -> None:
+    gen = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 8, generator=gen, dtype=torch.float64)
+    fake = torch.randn(200, 8, generator=gen, dtype=torch.float64) * 1.3 + 0.4
+    distances = ImageDistances("probe", 8, kid_subset_size=200)
+    for chunk in real.split(64):
+        distances.update(chunk, real=True)
+    for chunk in fake.split(50):
+        distances.update(chunk, real=False)
+    scores = distances.compute()
+    assert scores["fd_probe"] == pytest.approx(_direct_fid(real.numpy(), fake.numpy()), rel=1e-6)
+    # One subset of the whole sample: KID is exactly the unbiased MMD² of the two sets.
+    assert scores["kd_probe"] == pytest.approx(_direct_kid(real.numpy(), fake.numpy()), rel=1e-6)
+    assert metric_names("inception") == ("fid_inception", "kid_inception")
+    assert metric_names("clip") == ("fd_clip", "kd_clip")
+
+
+def test_uint8_conversion_clamps_and_rounds() -> None:
+    pixels = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 1.0, 1.2])
+    assert unit_to_uint8(pixels).tolist() == [0, 0, 0, 128, 191, 255, 255]
+    assert unit_to_uint8(pixels).dtype == torch.uint8
+
+
+def test_real_features_cache_round_trip_and_key_invalidation(tmp_path: Path) -> None:
+    base = {"urls": ["a.tar"], "split": "val", "feature": "probe", "extractor_id": "probe-v1", "resolution": 32}
+    key = real_stats_key(**base, count=64)
+    assert real_stats_key(**base, count=64) == key
+    changed = [
+        real_stats_key(**(base | {"urls": ["b.tar"]}), count=64),
+        real_stats_key(**(base | {"split": "train"}), count=64),
+        real_stats_key(**(base | {"feature": "clip"}), count=64),
+        real_stats_key(**(base | {"extractor_id": "other"}), count=64),
+        real_stats_key(**(base | {"resolution": 64}), count=64),
+        real_stats_key(**base, count=128),
+    ]
+    assert key not in changed and len(set(changed)) == len(changed)
+    assert load_real_features(tmp_path, key) is None
+    features = torch.randn(5, 3)
+    save_real_features(tmp_path, key, {"features": features})
+    assert torch.equal(load_real_features(tmp_path, key)["features"], features)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_cider_d_on_known_examples() -> None:
+    # A caption equal to its only reference, whose n-grams no other image's references share: cosine 1 for
+    # every n-gram order it has and no length penalty. CIDEr-D averages n = 1..4 and scales by 10, so a
+    # 4-word caption scores 10 and a 3-word one (no 4-grams) 7.5.
+    refs = [["a red circle"], ["the blue square here"]]
+    _, per_image = cider_d(["a red circle", "the blue square here"], refs)
+    assert per_image == pytest.approx([7.5, 10.0])
+    # By hand: "a" is in both images' references, so its idf is 0; every other n-gram has idf log 2.
+    # "a red square" vs "a red circle": unigrams {red, square}·{red, circle} -> cos 1/2; bigrams
+    # {a red, red square}·{a red, red circle} -> 1/2; trigrams no overlap; no 4-grams. 10 * (1/2 + 1/2) / 4.
+    refs = [["a red circle"], ["a blue square"]]
+    total, per_image = cider_d(["a red square", "a blue square"], refs)
+    assert per_image == pytest.approx([2.5, 7.5])
+    assert total == pytest.approx(5.0)
+
+
+def test_caption_scores_are_perfect_for_exact_captions_and_lower_otherwise() -> None:
+    refs = [["a red circle in the top left"], ["a blue square in the center"], ["a green triangle at the bottom"]]
+    exact = caption_scores([r[0] for r in refs], refs)
+    assert exact["bleu4"] == pytest.approx(1.0) and exact["rougeL"] == pytest.approx(1.0)
+    worse = caption_scores(["a red square in the center", "a circle", "green"], refs)
+    assert all(worse[k] < exact[k] for k in exact)
+
+
+def test_retrieval_recall_on_constructed_embeddings() -> None:
+    images = torch.eye(4)
+    texts = torch.eye(4)[[0, 1, 3, 2]]  # pairs 2 and 3 are swapped
+    scores = retrieval_recall(images, texts, ks=(1, 2))
+    assert scores["i2t_r@1"] == pytest.approx(0.5) and scores["t2i_r@1"] == pytest.approx(0.5)
+    texts = torch.tensor([[1.0, 0, 0, 0], [0.9, 0.1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    scores = retrieval_recall(images, texts, ks=(1, 2))
+    # Each image's best text is its own; but text 1 is closer to image 0 than to image 1.
+    assert scores["i2t_r@1"] == pytest.approx(1.0)
+    assert scores["t2i_r@1"] == pytest.approx(0.75) and scores["t2i_r@2"] == pytest.approx(1.0)
+
+
+def test_captions_in_every_template_parse_to_their_attributes() -> None:
+    for template in TEMPLATES:
+        assert parse_caption(template.format(**ATTRS)) == ATTRS
+    assert parse_caption("a blue circle") == {
+        "shape": "circle",
+        "color": "blue",
+        "size": None,
+        "position": None,
+        "background": None,
+    }
+    scores = attribute_accuracy([ATTRS, ATTRS | {"shape": "circle"}], [ATTRS, ATTRS])
+    assert scores["shape"] == 0.5 and scores["color"] == 1.0 and scores["all"] == 0.5
+
+
+def test_probe_reads_uint8_images_at_any_size() -> None:
+    probe = ShapesProbe(image_size=32)
+    out = probe(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert {k: v.shape[-1] for k, v in out.items()} == {
+        "shape": 3,
+        "color": 6,
+        "size": 2,
+        "position": 5,
+        "background": 9,
+    }
+    assert probe.features(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 128)
+
+
+def test_evaluate_writes_every_file_in_its_format_and_reuses_real_features(
+    smoke_cfg, smoke_root: Path, tmp_path: Path
+) -> None:
+    train(smoke_cfg())
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    common = [
+        f"ckpt_path={checkpoint}",
+        "data.shapes.num_train=256",
+        "data.shapes.num_val=16",
+        "data.num_workers=0",
+        "eval.num_samples=12",
+        "eval.steps=2",
+        "eval.batch_size=8",
+    ]
+    done = run_entry_point("evaluate.py", smoke_root, tmp_path / "eval", *common, "eval.guidance_scales=[1,3]")
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = tmp_path / "eval"
+    report = json.loads((out / "metrics.json").read_text())
+    metrics, settings = report["metrics"], report["settings"]
+    expected = {"val/loss", "bleu4", "rougeL", "cider_d", "i2t_r@1", "t2i_r@10", "fd_probe", "kd_probe"}
+    expected |= {"caption_attr/mean", "probe_attr/mean", "probe_attr/shape", "capdiff_image_text_score"}
+    assert expected <= set(metrics)
+    assert "clip_score" not in metrics  # no CLIP configured: the model's own score, under its own name
+    assert settings["guidance_scales"] == [1.0, 3.0] and settings["fid_feature"] == "probe"
+    assert settings["steps"] == 2 and settings["num_samples"] == 12 and "torchmetrics" in settings["versions"]
+    assert [row["guidance_scale"] for row in metrics["guidance_sweep"]] == [1.0, 3.0]
+    assert (out / "guidance_curve.png").is_file() and (out / "guidance_sweep.md").is_file()
+
+    index = [json.loads(line) for line in (out / "samples" / "index.jsonl").read_text().splitlines()]
+    assert len(index) == 2 * 12
+    for line in index:
+        assert set(line) == {"prompt", "seed", "guidance_scale", "file"}
+        assert (out / "samples" / line["file"]).is_file()
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 12 and all(set(c) == {"key", "reference", "generated"} for c in captions)
+    assert (out / "grid_g1.png").is_file() and (out / "grid_g3.png").is_file()
+
+    cached = list((smoke_root / "data" / "real_features").glob("*.pt"))
+    assert len(cached) == 1
+    # Same data, extractor and count: the real features come from the cache, and the same seeds give the same
+    # generations, so the distance at guidance 1 is the first run's.
+    again = run_entry_point("evaluate.py", smoke_root, tmp_path / "eval2", *common, "eval.guidance_scale=1")
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "real-image features from the cache" in again.stderr + again.stdout
+    second = json.loads((tmp_path / "eval2" / "metrics.json").read_text())["metrics"]
+    assert second["fd_probe"] == pytest.approx(metrics["guidance_sweep"][0]["fd_probe"], rel=1e-5)
+    assert len(list((smoke_root / "data" / "real_features").glob("*.pt"))) == 1
+
+
+def test_a_bad_prompts_file_fails_before_any_work(smoke_root: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"text": "no prompt key"}\n')
+    fake_ckpt = tmp_path / "x.ckpt"
+    fake_ckpt.write_bytes(b"")
+    done = run_entry_point(
+        "evaluate.py", smoke_root, tmp_path / "eval", f"ckpt_path={fake_ckpt}", f"eval.prompts={prompts}"
+    )
+    assert done.returncode != 0
+    assert "line 2" in done.stderr and '"prompt"' in done.stderr
