@@ -242,9 +242,19 @@ class JointModule(pl.LightningModule):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], steps: int = 50, guidance_scale: float = 4.0, eta: float = 0.0, seed: int = 0
+        self,
+        prompts: list[str],
+        steps: int = 50,
+        guidance_scale: float = 4.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        seeds: list[int] | None = None,
+        latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        guidance_rescale: float | None = None,
     ) -> torch.Tensor:
-        """Images in `[-1, 1]` for `prompts` by DDIM with classifier-free guidance."""
+        """Images in `[-1, 1]` for `prompts` by DDIM with classifier-free guidance; image i starts from the
+        noise of `seeds[i]` (default `seed + i`), or from `latents` (see `capdiff.sampling.ddim_sample`)."""
         if self.diffusion is None:
             raise RuntimeError("this model was trained without the UNet (model.loss.weights.diffusion=0).")
         cond = self._condition(prompts, embed=False)
@@ -259,8 +269,17 @@ class JointModule(pl.LightningModule):
             guidance_scale=guidance_scale,
             eta=eta,
             seed=seed,
+            seeds=seeds,
+            latents=latents,
+            strength=strength,
+            guidance_rescale=guidance_rescale,
         )
         return self.diffusion.decode(latents)
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """The UNet's text condition for `prompts`: `cond` (B×L×D) and `cond_mask`."""
+        return self._condition(prompts, embed=False)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -1,0 +1,117 @@
+"""Export a checkpoint to a folder of standard sub-folders: `python -m capdiff.export <ckpt> <folder>`.
+
+    <folder>/unet/          diffusers UNet2DConditionModel   (UNet2DConditionModel.from_pretrained(folder/unet))
+    <folder>/vae/           diffusers AutoencoderKL
+    <folder>/llm/           transformers causal LM + its tokenizer (AutoModelForCausalLM / AutoTokenizer)
+    <folder>/vision/        transformers CLIPVisionModel (the tower), when the model has a captioner
+    <folder>/heads.safetensors   capdiff's own weights: resampler, grid/layout tokens, connector, projections
+    <folder>/capdiff.json   the hyperparameters, pointing at the sub-folders
+
+LoRA adapters are merged into the exported weights; EMA weights (when the checkpoint has them) replace the live
+UNet and connector weights unless `--no-ema`. `capdiff.pipeline.Pipeline.from_pretrained(folder)` loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from capdiff.callbacks import load_ema_weights
+from capdiff.module import JointModule
+
+FORMAT = 1
+PARTS = {"llm": "llm.lm.", "vision": "vision.tower.", "unet": "diffusion.unet.", "vae": "diffusion.vae."}
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of `model` with any peft LoRA layers merged into plain weights, in the model's own class."""
+    from peft.tuners.lora import LoraLayer
+
+    model = copy.deepcopy(model)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        return model
+    for layer in layers:
+        layer.merge()
+    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+    clean = type(model)(model.config) if hasattr(model, "config") else None
+    if clean is None:
+        raise TypeError(f"cannot rebuild a {type(model).__name__} without LoRA: it has no config")
+    clean.load_state_dict(state)
+    return clean
+
+
+SUBFOLDER_KEYS = (("llm", "name_or_path"), ("llm", "tokenizer"), ("vision", "name_or_path"), ("unet", "name_or_path"))
+SUBFOLDER_KEYS += (("vae", "name_or_path"),)
+
+
+def export(model: JointModule, folder: str | Path) -> Path:
+    """Write the model to `folder` (layout in the module docstring); sub-folder paths are stored relative."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hparams = copy.deepcopy(dict(model.hparams))
+    merged(model.llm.lm).save_pretrained(folder / "llm")
+    model.llm.tokenizer.save_pretrained(folder / "llm")
+    hparams["llm"] = dict(hparams["llm"]) | {"name_or_path": "llm", "tokenizer": "llm", "lora": {}}
+    if model.vision is not None:
+        model.vision.tower.save_pretrained(folder / "vision")
+        hparams["vision"] = dict(hparams.get("vision") or {}) | {"name_or_path": "vision"}
+    if model.diffusion is not None:
+        merged(model.diffusion.unet).save_pretrained(folder / "unet")
+        model.diffusion.vae.save_pretrained(folder / "vae")
+        hparams["unet"] = dict(hparams["unet"]) | {"name_or_path": "unet", "lora": {}}
+        hparams["vae"] = dict(hparams["vae"]) | {"name_or_path": "vae"}
+    heads = {
+        k: v.detach().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(tuple(PARTS.values())) and "lora_" not in k
+    }
+    save_file(heads, folder / "heads.safetensors")
+    (folder / "capdiff.json").write_text(json.dumps({"format": FORMAT, "hparams": hparams}, indent=1))
+    return folder
+
+
+def load_exported(folder: str | Path) -> JointModule:
+    """The JointModule from an export folder (sub-folders by the standard loaders, then capdiff's heads)."""
+    folder = Path(folder).resolve()
+    spec_file = folder / "capdiff.json"
+    if not spec_file.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a capdiff export (no capdiff.json); make one with `python -m capdiff.export`."
+        )
+    spec = json.loads(spec_file.read_text())
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{spec_file}: format {spec.get('format')} is not the supported format {FORMAT}.")
+    hparams = spec["hparams"]
+    for part, key in SUBFOLDER_KEYS:
+        if (hparams.get(part) or {}).get(key):
+            hparams[part][key] = str(folder / hparams[part][key])
+    model = JointModule(**hparams)
+    heads = load_file(folder / "heads.safetensors")
+    missing, unexpected = model.load_state_dict(heads, strict=False)
+    missing = [k for k in missing if not k.startswith(tuple(PARTS.values()))]
+    if missing or unexpected:
+        raise ValueError(f"{folder}/heads.safetensors does not fit the model: missing {missing}, extra {unexpected}")
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m capdiff.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser.add_argument("folder", help="where to write the export")
+    parser.add_argument("--no-ema", action="store_true", help="export the live weights, not the EMA average")
+    args = parser.parse_args(argv)
+    model = JointModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
+    if not args.no_ema:
+        load_ema_weights(model, torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    print(f"exported to {export(model, args.folder)}")
+
+
+if __name__ == "__main__":
+    main()
