@@ -78,8 +78,12 @@ class Evaluator(pl.LightningModule):
         self.probe = probe
         self.clip_score = clip_score  # a torchmetrics CLIPScore, or None
         self.real_cache = real_cache
-        self.distances = (
-            {g: ImageDistances(feature, extractor.num_features, kid_subset_size) for g in settings.guidance_scales}
+        # A ModuleDict, so the metric states live on the module's device (NCCL syncs device tensors only).
+        self.distances = torch.nn.ModuleDict(
+            {
+                _scale_key(g): ImageDistances(feature, extractor.num_features, kid_subset_size)
+                for g in settings.guidance_scales
+            }
             if extractor is not None
             else {}
         )
@@ -111,8 +115,7 @@ class Evaluator(pl.LightningModule):
             for i, record in enumerate(records):
                 record["image_embed"], record["text_embed"] = image[i].float().cpu(), text[i].float().cpu()
         if self.extractor is not None and self._cached_real is None:
-            features = self.extractor(unit_to_uint8(pixels)).double().cpu()
-            self._real.append(features)
+            self._real.append(self.extractor(unit_to_uint8(pixels)).double())
         self._records.extend(records)
 
     # ------------------------------------------------------------------- then generation and scores
@@ -134,11 +137,13 @@ class Evaluator(pl.LightningModule):
             return
         if self._cached_real is not None:
             features = self._cached_real["features"]
-            mine = features[self.global_rank :: self.trainer.world_size]  # synced sums give the whole set
+            mine = features[self.global_rank :: self.trainer.world_size].to(self.device)  # synced: the whole set
             log.info("real-image features from the cache (%d images)", len(features))
         else:
-            mine = torch.cat(self._real) if self._real else torch.zeros(0, self.extractor.num_features)
-            everything = torch.cat(gather([mine]))
+            mine = (
+                torch.cat(self._real) if self._real else torch.zeros(0, self.extractor.num_features, device=self.device)
+            )
+            everything = torch.cat([part.cpu() for part in gather([mine.cpu()])])
             if self.global_rank == 0 and self.real_cache is not None:
                 save_real_features(*self.real_cache, {"features": everything.float()})
         for distances in self.distances.values():
@@ -202,10 +207,10 @@ class Evaluator(pl.LightningModule):
             if len(grid_images) < 16:
                 grid_images.append(pixels[: 16 - len(grid_images)])
                 grid_prompts += chunk[: len(grid_images[-1])]
-            if scale in self.distances:
-                self.distances[scale].update(self.extractor(images).double().cpu(), real=False)
+            if _scale_key(scale) in self.distances:
+                self.distances[_scale_key(scale)].update(self.extractor(images).double(), real=False)
             if self.probe is not None:
-                predictions += self.probe.predict(images.cpu())
+                predictions += self.probe.predict(images)
                 truths += [attributes_named(p) for p in chunk]
             if self.clip_score is not None:
                 self.clip_score.update(images, chunk)
@@ -214,8 +219,8 @@ class Evaluator(pl.LightningModule):
                 text = torch.nn.functional.normalize(self.model._condition(chunk, embed=True)["text_embed"], dim=-1)
                 own_scores += (100 * (image * text).sum(-1)).clamp(min=0).tolist()
         results: dict[str, float] = {}
-        if scale in self.distances:
-            results |= self.distances[scale].compute()
+        if _scale_key(scale) in self.distances:
+            results |= self.distances[_scale_key(scale)].compute()
         if self.clip_score is not None:
             results["clip_score"] = float(self.clip_score.compute())
             self.clip_score.reset()
@@ -234,6 +239,10 @@ class Evaluator(pl.LightningModule):
         if self.global_rank == 0 and grid_images:
             caption_grid(torch.cat(grid_images), grid_prompts).save(self.out_dir / f"grid_g{scale:g}.png")
         return results
+
+
+def _scale_key(scale: float) -> str:
+    return f"g{scale:g}".replace(".", "_")  # ModuleDict keys cannot hold dots
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

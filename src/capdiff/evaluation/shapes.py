@@ -134,8 +134,9 @@ class ShapesProbe(nn.Module):
     def predict(self, images: torch.Tensor, batch_size: int = 256) -> list[dict[str, str]]:
         self.eval()
         out: list[dict[str, str]] = []
+        device = next(self.parameters()).device
         for chunk in images.split(batch_size):
-            logits = self(chunk)
+            logits = self(chunk.to(device))
             picks = {name: logits[name].argmax(-1).tolist() for name in ATTRIBUTES}
             out.extend({name: ATTRIBUTES[name][picks[name][i]] for name in ATTRIBUTES} for i in range(len(chunk)))
         return out
