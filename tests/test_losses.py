@@ -28,6 +28,20 @@ def test_min_snr_weights(prediction_type: str, weights: list[float]) -> None:
     assert loss.item() == pytest.approx(sum(weights) / 2)
 
 
+@pytest.mark.parametrize(
+    ("prediction_type", "snr", "weights"),
+    # x₀ weight min(SNR + 1, γ) over each MSE's own x₀ weight (SNR for ε, SNR + 1 for v); SNR 0 = zero terminal SNR
+    [("v_prediction", [0.0, 1.0, 10.0], [1 / 1, 2 / 2, 5 / 11]), ("epsilon", [0.5, 1.0, 10.0], [1.5 / 0.5, 2, 5 / 10])],
+)
+def test_min_snr_plus_one_weights_keep_high_noise_steps(prediction_type: str, snr: list, weights: list) -> None:
+    prediction, target = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)
+    snr = torch.tensor(snr)
+    loss = diffusion_loss(prediction, target, snr, prediction_type, min_snr_gamma=5.0, weighting="min_snr_plus_one")
+    assert loss.item() == pytest.approx(sum(weights) / 3)
+    with pytest.raises(ValueError, match="min_snr_plus_one"):
+        diffusion_loss(prediction, target, snr, prediction_type, min_snr_gamma=5.0, weighting="snr")
+
+
 def test_caption_loss_counts_only_labelled_positions() -> None:
     vocab = 7
     logits = torch.zeros(1, 5, vocab)  # uniform everywhere: −log(1/7) per counted token

@@ -11,20 +11,29 @@ IGNORE = -100
 
 
 def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, snr: torch.Tensor, prediction_type: str, min_snr_gamma: float
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    snr: torch.Tensor,
+    prediction_type: str,
+    min_snr_gamma: float,
+    weighting: str = "min_snr",
 ) -> torch.Tensor:
-    """Per-sample MSE with min-SNR-γ weights (Hang et al., 2023); γ = 0 turns the weighting off.
+    """Per-sample MSE, weighted by timestep; γ = 0 turns the weighting off.
 
-    The weight is min(SNR, γ)/SNR for ε-prediction and min(SNR, γ)/(SNR + 1) for v-prediction, which makes
-    both equal to min(SNR, γ) in terms of the x₀ error.
+    Written as a weight on the x₀ error (ε-MSE = SNR·x₀-MSE, v-MSE = (SNR + 1)·x₀-MSE):
+    - `min_snr` (Hang et al., 2023): min(SNR, γ). At high noise the weight goes to 0 with the SNR.
+    - `min_snr_plus_one`: min(SNR + 1, γ): 1 at high noise, where the layout and the colours of an image are
+      decided from the text (and at zero terminal SNR, where `min_snr` gives 0), capped at γ at low noise.
     """
+    if weighting not in ("min_snr", "min_snr_plus_one"):
+        raise ValueError(f"model.diffusion.weighting={weighting!r}: use 'min_snr' or 'min_snr_plus_one'.")
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if min_snr_gamma <= 0:
         return per_sample.mean()
     snr = snr.float()
-    clipped = torch.minimum(snr, torch.full_like(snr, min_snr_gamma))
-    weights = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr.clamp_min(1e-8)
-    return (per_sample * weights).mean()
+    x0_weight = torch.clamp(snr + 1 if weighting == "min_snr_plus_one" else snr, max=min_snr_gamma)
+    native = snr + 1 if prediction_type == "v_prediction" else snr.clamp_min(1e-8)  # this MSE's own x₀ weight
+    return (per_sample * x0_weight / native).mean()
 
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ class PeriodicEval(pl.Callback):
         steps: int = 25,
         guidance_scale: float = 4.0,
         seed: int = 0,
+        probe: bool = True,
         cache_dir: str = "data",
     ) -> None:
+        self.use_probe = probe  # prompt faithfulness of generations on the shapes data (trains the probe once)
         self.cache_dir = cache_dir  # where the shapes probe is cached (shared with evaluate.py)
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
@@ -89,7 +91,7 @@ class PeriodicEval(pl.Callback):
                 if shapes:
                     scores = attribute_accuracy([parse_caption(g) for g in generated], truth)
                     metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
-            probe = self._shapes_probe(trainer) if shapes else None
+            probe = self._shapes_probe(trainer) if shapes and self.use_probe else None
             if pl_module.diffusion is not None and probe is not None:
                 ema = find_ema(trainer)
                 with ema.swapped(pl_module) if ema else nullcontext():

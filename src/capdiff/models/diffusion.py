@@ -44,6 +44,7 @@ class LatentDiffusion(nn.Module):
         beta_end: float = 0.012,
         min_snr_gamma: float = 5.0,
         zero_terminal_snr: bool = False,
+        weighting: str = "min_snr",
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -68,6 +69,7 @@ class LatentDiffusion(nn.Module):
             clip_sample=False,
         )
         self.min_snr_gamma = min_snr_gamma
+        self.weighting = weighting
         alphas = self.scheduler.alphas_cumprod
         self.register_buffer("snr", alphas / (1 - alphas).clamp_min(1e-12), persistent=False)
 
@@ -116,5 +118,10 @@ class LatentDiffusion(nn.Module):
             target = noise
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=cond, encoder_attention_mask=cond_mask).sample
         return diffusion_loss(
-            prediction, target, self.snr[timesteps], self.scheduler.config.prediction_type, self.min_snr_gamma
+            prediction,
+            target,
+            self.snr[timesteps],
+            self.scheduler.config.prediction_type,
+            self.min_snr_gamma,
+            self.weighting,
         )
