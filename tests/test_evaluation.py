@@ -214,3 +214,66 @@ def test_a_bad_prompts_file_fails_before_any_work(smoke_root: Path, tmp_path: Pa
     )
     assert done.returncode != 0
     assert "line 2" in done.stderr and '"prompt"' in done.stderr
+
+
+def test_clip_score_with_a_tiny_clip_saved_to_a_folder(tmp_path: Path) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    from capdiff.evaluation.images import clip_score_metric, truncate_for_clip
+    from capdiff.models.tokenizer import build_byte_bpe
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(
+        build_byte_bpe(["a red circle on a blue square"] * 20, tmp_path / "tok", 300)
+    )
+    end = tokenizer.eos_token_id
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    text |= {"num_attention_heads": 2, "max_position_embeddings": 16, "eos_token_id": end, "bos_token_id": end}
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64}
+    vision |= {"num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    clip.save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(tmp_path / "clip")
+
+    metric = clip_score_metric(str(tmp_path / "clip"))
+    long = " ".join(["a red circle on a blue square"] * 10)
+    prompts = truncate_for_clip(metric, ["a red circle", long])
+    assert prompts[0] == "a red circle"
+    assert len(tokenizer(prompts[1], add_special_tokens=False)["input_ids"]) <= 14 < len(tokenizer(long)["input_ids"])
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    metric.update(pixels, prompts)
+    score = float(metric.compute())
+    # CLIPScore = 100 · max(cos(image, text), 0), averaged: check against the model directly.
+    processor = CLIPProcessor.from_pretrained(tmp_path / "clip")
+    with torch.no_grad():
+        image = clip.get_image_features(**processor(images=list(pixels), return_tensors="pt")).pooler_output
+        ids = processor(text=prompts, return_tensors="pt", padding=True)
+        text_features = clip.get_text_features(ids["input_ids"], ids["attention_mask"]).pooler_output
+    cosine = torch.nn.functional.cosine_similarity(image, text_features)
+    assert score == pytest.approx(float((100 * cosine).clamp(min=0).mean()), rel=1e-4)
+
+
+def test_clip_and_dinov2_feature_spaces_from_tiny_saved_models(tmp_path: Path) -> None:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Dinov2Config, Dinov2Model
+
+    from capdiff.evaluation.images import build_extractor
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    CLIPVisionModelWithProjection(
+        CLIPVisionConfig(image_size=32, patch_size=8, projection_dim=16, **small)
+    ).save_pretrained(tmp_path / "clip")
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=14, **small)).save_pretrained(tmp_path / "dino")
+    images = torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8)  # any size: resized to the model's
+    for feature, folder, width in (("clip", "clip", 16), ("dinov2", "dino", 32)):
+        extractor = build_extractor(feature, str(tmp_path / folder), None, probe=lambda: None)
+        features = extractor(images)
+        assert features.shape == (3, width) == (3, extractor.num_features)
+        distances = ImageDistances(feature, extractor.num_features, kid_subset_size=3)
+        distances.update(features, real=True)
+        distances.update(extractor(255 - images), real=False)
+        assert set(distances.compute()) == {f"fd_{feature}", f"kd_{feature}", f"kd_{feature}_std"}
+    with pytest.raises(ValueError, match=r"eval\.fid\.name_or_path"):
+        build_extractor("clip", None, None, probe=lambda: None)
+    with pytest.raises(ValueError, match="not a feature space"):
+        build_extractor("vgg", None, None, probe=lambda: None)

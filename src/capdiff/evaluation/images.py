@@ -180,15 +180,34 @@ def save_real_features(folder: Path, key: str, features: dict[str, torch.Tensor]
     return path
 
 
+class _ClipFeatures(nn.Module):
+    """A CLIPModel whose `get_image_features`/`get_text_features` return tensors, as torchmetrics' CLIPScore
+    expects; since transformers 5 they return a model output whose `pooler_output` is the projected embedding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
 def clip_score_metric(name_or_path: str, key: str = "eval.clip.name_or_path"):
     """torchmetrics `CLIPScore` with a CLIP model by hub name or local folder (any, not only its own list)."""
     from torchmetrics.multimodal import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
     def load():
-        return load_pretrained(CLIPModel.from_pretrained, name_or_path, key), load_pretrained(
-            CLIPProcessor.from_pretrained, name_or_path, key
-        )
+        model = load_pretrained(CLIPModel.from_pretrained, name_or_path, key).eval()
+        return _ClipFeatures(model), load_pretrained(CLIPProcessor.from_pretrained, name_or_path, key)
 
     return CLIPScore(model_name_or_path=load)
 
@@ -196,7 +215,7 @@ def clip_score_metric(name_or_path: str, key: str = "eval.clip.name_or_path"):
 def truncate_for_clip(metric, prompts: list[str]) -> list[str]:
     """Prompts cut to the CLIP text encoder's token limit here, so nothing is truncated silently later."""
     tokenizer = metric.processor.tokenizer
-    limit = int(metric.model.config.text_config.max_position_embeddings)
+    limit = int(metric.model.config.text_config.max_position_embeddings)  # with the start and end tokens
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]

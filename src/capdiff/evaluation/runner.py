@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from capdiff.callbacks import caption_grid
 from capdiff.data.transforms import unit_to_uint8
-from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features
+from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features, truncate_for_clip
 from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
 from capdiff.evaluation.text import caption_scores
@@ -213,7 +213,7 @@ class Evaluator(pl.LightningModule):
                 predictions += self.probe.predict(images)
                 truths += [attributes_named(p) for p in chunk]
             if self.clip_score is not None:
-                self.clip_score.update(images, chunk)
+                self.clip_score.update(images, truncate_for_clip(self.clip_score, chunk))
             elif self.model.vision is not None and self.model.logit_scale is not None:
                 image = torch.nn.functional.normalize(self.model.vision(pixels)["image_embed"], dim=-1)
                 text = torch.nn.functional.normalize(self.model._condition(chunk, embed=True)["text_embed"], dim=-1)
