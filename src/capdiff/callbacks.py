@@ -77,6 +77,17 @@ def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
 
+def load_checkpoint(path: str | Path, ema: bool = True):
+    """A JointModule from a training checkpoint, read once; with `ema`, the EMA callback's averaged weights
+    replace the live UNet and connector weights when the checkpoint has them. Returns (model, EMA used)."""
+    from capdiff.module import JointModule
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = JointModule(**checkpoint["hyper_parameters"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model, bool(ema) and load_ema_weights(model, checkpoint)
+
+
 def load_ema_weights(pl_module: pl.LightningModule, checkpoint: dict) -> bool:
     """Copy the EMA callback's averaged weights from a loaded checkpoint into the module; False if it has none."""
     state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)

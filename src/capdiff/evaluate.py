@@ -10,17 +10,15 @@ import logging
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from capdiff.callbacks import load_ema_weights
+from capdiff.callbacks import load_checkpoint
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
-from capdiff.evaluation.shapes import PROBE_VERSION, load_probe
+from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
 from capdiff.module import JointModule
-from capdiff.stages import cache_folder
 from capdiff.train import build_datamodule
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,7 @@ def settings_from(cfg: DictConfig) -> EvalSettings:
 def build_evaluator(cfg: DictConfig, model: JointModule, datamodule, settings: EvalSettings) -> Evaluator:
     ev = cfg.eval
     shapes = isinstance(datamodule, ShapesDataModule)
-    probe_folder = cache_folder(cfg.paths.data_dir, "probes", datamodule, {"version": PROBE_VERSION})
+    folder = probe_folder(cfg.paths.data_dir, datamodule)
 
     def probe():
         if not shapes:
@@ -80,7 +78,7 @@ def build_evaluator(cfg: DictConfig, model: JointModule, datamodule, settings: E
                 "eval.fid.feature=probe needs the built-in shapes data (data=synthetic); for other data use "
                 "eval.fid.feature=inception, or clip/dinov2 with eval.fid.name_or_path."
             )
-        return load_probe(datamodule.train_urls, datamodule.val_urls, probe_folder)[0]
+        return load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
 
     feature = ev.fid.get("feature")
     extractor = real_cache = None
@@ -115,10 +113,7 @@ def evaluate(cfg: DictConfig) -> dict:
     datamodule = build_datamodule(cfg)
     if not datamodule.val_urls:
         raise ValueError("data.val_urls is not set: evaluation needs validation shards.")
-    model = JointModule.load_from_checkpoint(path, map_location="cpu")
-    used_ema = bool(cfg.eval.get("ema")) and load_ema_weights(
-        model, torch.load(path, map_location="cpu", weights_only=True)
-    )
+    model, used_ema = load_checkpoint(path, ema=cfg.eval.get("ema"))
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     (losses,) = trainer.validate(model, datamodule=datamodule)

@@ -18,11 +18,10 @@ import copy
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capdiff.callbacks import load_ema_weights
+from capdiff.callbacks import load_checkpoint
 from capdiff.module import JointModule
 
 FORMAT = 1
@@ -107,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="where to write the export")
     parser.add_argument("--no-ema", action="store_true", help="export the live weights, not the EMA average")
     args = parser.parse_args(argv)
-    model = JointModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
-    if not args.no_ema:
-        load_ema_weights(model, torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+    model, _ = load_checkpoint(args.checkpoint, ema=not args.no_ema)
     print(f"exported to {export(model, args.folder)}")
 
 

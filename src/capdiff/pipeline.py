@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from capdiff.callbacks import load_ema_weights
+from capdiff.callbacks import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
 from capdiff.module import JointModule
 from capdiff.sampling import ddim_invert
@@ -31,10 +31,7 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
         """A training checkpoint; its EMA weights (UNet, connector) are used when it has them and `ema`."""
-        model = JointModule.load_from_checkpoint(path, map_location="cpu")
-        if ema:
-            load_ema_weights(model, torch.load(path, map_location="cpu", weights_only=True))
-        return cls(model, device)
+        return cls(load_checkpoint(path, ema=ema)[0], device)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Pipeline:

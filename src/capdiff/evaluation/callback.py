@@ -13,7 +13,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from capdiff.callbacks import find_ema
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.data.transforms import unit_to_uint8
-from capdiff.evaluation.shapes import ATTRIBUTES, PROBE_VERSION, attribute_accuracy, load_probe, parse_caption
+from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
 from capdiff.evaluation.text import caption_scores
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ class PeriodicEval(pl.Callback):
     def _shapes_probe(self, trainer: pl.Trainer):
         datamodule = trainer.datamodule
         if self._probe is None and isinstance(datamodule, ShapesDataModule):
-            from capdiff.stages import cache_folder
-
-            folder = cache_folder(self.cache_dir, "probes", datamodule, {"version": PROBE_VERSION})
+            folder = probe_folder(self.cache_dir, datamodule)
             self._probe = load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
         return self._probe
 

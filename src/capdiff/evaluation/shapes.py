@@ -185,6 +185,13 @@ def _fit_probe(images: torch.Tensor, attributes: Sequence[dict], epochs: int, ba
     return probe.eval()
 
 
+def probe_folder(data_dir: str | Path, datamodule) -> Path:
+    """Where the probe for this datamodule's shapes is cached (shared by evaluate.py and the periodic eval)."""
+    from capdiff.stages import cache_folder
+
+    return cache_folder(data_dir, "probes", datamodule, {"version": PROBE_VERSION})
+
+
 def load_probe(train_urls: Sequence[str], val_urls: Sequence[str], cache_dir: str | Path) -> tuple[ShapesProbe, dict]:
     """The probe for this shapes data, trained on its training split once and cached in `cache_dir`;
     returns it with its report (validation accuracy per attribute)."""
