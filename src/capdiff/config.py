@@ -9,6 +9,7 @@ from pathlib import Path
 import rich
 import rich.syntax
 import rich.tree
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,10 @@ def apply_extras(cfg: DictConfig) -> None:
         warnings.filterwarnings("ignore")
     if extras.get("print_config"):
         print_config_tree(cfg)
+    if extras.get("tf32") and torch.cuda.is_available():
+        # TF32 tensor cores for fp32 matmuls and convolutions (Ampere and newer); bf16 autocast is unaffected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def print_config_tree(cfg: DictConfig) -> None:

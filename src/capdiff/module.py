@@ -41,6 +41,7 @@ class JointModule(pl.LightningModule):
         optim: dict | None = None,
         image_size: int = 32,
         caption_dropout: float = 0.1,
+        speed: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -50,6 +51,7 @@ class JointModule(pl.LightningModule):
         self.weights = weights
         self.caption_dropout = caption_dropout
         self.optim = dict(optim or {})
+        self.speed = {"channels_last": "auto", "compile": {}} | dict(speed or {})
         contrastive = dict(contrastive or {})
         embed_dim = int(contrastive.get("embed_dim", 256))
 
@@ -103,8 +105,25 @@ class JointModule(pl.LightningModule):
                 contrastive.get("init_temperature", 0.07), contrastive.get("max_logit_scale", 100.0)
             )
         self._freeze_unused()
+        self._compile(self.speed.get("compile") or {})
 
     # ----------------------------------------------------------------- parts
+    def _compile(self, spec: dict) -> None:
+        """`model.speed.compile.{unet,llm}`: torch.compile in place (`Module.compile`), so checkpoint keys stay
+        the same with and without it."""
+        options = {k: v for k, v in spec.items() if k not in ("unet", "llm") and v is not None}
+        if spec.get("unet") and self.diffusion is not None:
+            self.diffusion.unet.compile(**options)
+        if spec.get("llm"):
+            self.llm.lm.compile(**options)
+
+    def on_fit_start(self) -> None:
+        # channels_last speeds convolutions up on GPUs (tensor cores); on 2 CPU cores it measured 3% slower.
+        wanted = self.speed.get("channels_last")
+        if self.diffusion is not None and (wanted is True or (wanted == "auto" and self.device.type == "cuda")):
+            self.diffusion.unet.to(memory_format=torch.channels_last)
+            self.diffusion.channels_last = True
+
     def _freeze_unused(self) -> None:
         """Parameters no active term reaches stay out of the optimizer (and out of DDP's gradient sync)."""
         if self.vision is not None and not self.weights["caption"]:
@@ -226,7 +245,10 @@ class JointModule(pl.LightningModule):
                 groups.append(
                     {"params": no_decay, "name": f"{part}_no_decay", "lr": settings["lr"], "weight_decay": 0.0}
                 )
-        fused = self.device.type == "cuda"
+        # Fused AdamW: one kernel for all parameters. On 2 CPU cores it took the tiny preset's optimizer step
+        # from 23 ms to 5 ms (the default, per-parameter loop is what torch picks on CPU).
+        fused = optim.get("fused")
+        fused = self.device.type in ("cuda", "cpu") if fused in (None, "auto") else bool(fused)
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim["betas"]), fused=fused)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
         schedule = warmup_cosine(int(optim["warmup_steps"]), total, float(optim["min_lr_ratio"]))

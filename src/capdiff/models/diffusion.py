@@ -70,6 +70,7 @@ class LatentDiffusion(nn.Module):
         )
         self.min_snr_gamma = min_snr_gamma
         self.weighting = weighting
+        self.channels_last = False  # set with the UNet's memory format (model.speed.channels_last)
         alphas = self.scheduler.alphas_cumprod
         self.register_buffer("snr", alphas / (1 - alphas).clamp_min(1e-12), persistent=False)
 
@@ -89,10 +90,24 @@ class LatentDiffusion(nn.Module):
         )
 
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    def encode(self, pixels: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
+        """Scaled latents of `pixels` in [-1, 1]: a draw from the VAE posterior (its mean with `sample=False`)."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if sample else posterior.mode()
+        latents = posterior.sample(generator) if sample else posterior.mode()
         return latents * self.scaling_factor
+
+    @torch.no_grad()
+    def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE posterior's mean and std (unscaled): what `capdiff.data.cache_latents` stores."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.mean, posterior.std
+
+    def sample_latents(
+        self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Scaled latents drawn from a cached posterior: the same draw `encode` makes for the same noise."""
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -112,6 +127,8 @@ class LatentDiffusion(nn.Module):
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.channels_last:
+            noisy = noisy.contiguous(memory_format=torch.channels_last)
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
