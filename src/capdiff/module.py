@@ -198,7 +198,10 @@ class JointModule(pl.LightningModule):
                 vision["image_embed"], cond["text_embed"], self.logit_scale(), gather=stage == "train"
             )
         if self.weights["diffusion"]:
-            latents = self.diffusion.encode(pixels)
+            if "latent_mean" in batch:  # cached by capdiff.data.cache_latents: the VAE does not run
+                latents = self.diffusion.sample_latents(batch["latent_mean"], batch["latent_std"])
+            else:
+                latents = self.diffusion.encode(pixels)
             noise = timesteps = None
             if stage == "train":
                 text, text_mask = self._drop_captions(cond["cond"], cond["cond_mask"])

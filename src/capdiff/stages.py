@@ -15,7 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from capdiff.autoencoder import train_autoencoder
 from capdiff.data import ImageTextDataModule
+from capdiff.data.cache_latents import cache_latents, check_cache, is_complete, read_manifest, vae_fingerprint
 from capdiff.data.decode import BadSample, decode_captions
+from capdiff.data.urls import local_path
 from capdiff.models.tokenizer import build_byte_bpe
 from capdiff.ranks import is_node_leader, wait_until
 
@@ -86,4 +88,31 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
         log.info("reusing the first-stage autoencoder in %s", folder)
     with open_dict(cfg):
         cfg.model.vae.name_or_path = str(folder)
+    return folder
+
+
+def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> Path:
+    """`data.latents=true`: encode the shards with the run's VAE once (cached per data and VAE, or into
+    `data.latents_dir`) and point the data module at the cached copies."""
+    if read_manifest(datamodule.train_urls) is not None:  # data.train_urls are cached shards already
+        datamodule.use_cached_shards(None)
+        check_cache(datamodule.train_urls, "data.train_urls", datamodule.image_size, vae)
+        return Path(local_path(datamodule.train_urls[0])).parent
+    urls = datamodule.train_urls + datamodule.val_urls
+    folder = cfg.data.get("latents_dir")
+    if not folder:
+        settings = {"vae": vae_fingerprint(vae), "image_size": datamodule.image_size, "val": datamodule.val_urls}
+        folder = cache_folder(cfg.paths.data_dir, "latents", datamodule, settings)
+    folder = Path(folder)
+    if not is_complete(urls, folder):
+        if is_node_leader():
+            log.info("caching VAE latents of %d shards in %s (once)", len(urls), folder)
+            name = str(cfg.model.vae.get("name_or_path"))
+            cache_latents(urls, folder, vae, name, datamodule.image_size, datamodule.caption_key.spec)
+        else:
+            wait_until(lambda: is_complete(urls, folder), 24 * 3600, f"the cached latents in {folder}")
+    else:
+        log.info("reusing the cached latents in %s", folder)
+    datamodule.use_cached_shards(folder)
+    check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, vae)
     return folder

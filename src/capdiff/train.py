@@ -13,13 +13,24 @@ from omegaconf import DictConfig
 
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
-from capdiff.stages import prepare_autoencoder, prepare_tokenizer
+from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
 log = logging.getLogger(__name__)
 
 
+def instantiate(node: DictConfig):
+    """hydra.utils.instantiate, with a user's config error raised as itself (Hydra wraps every error; the
+    original names the key to fix)."""
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError | OSError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig) -> ImageTextDataModule:
-    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup_streams(0, 1)
     return datamodule
@@ -30,13 +41,10 @@ def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
     prepare_tokenizer(cfg, datamodule)
     if cfg.model.loss.weights.get("diffusion"):
         prepare_autoencoder(cfg, datamodule)
-    try:
-        return hydra.utils.instantiate(cfg.model, _convert_="all")
-    except InstantiationException as err:
-        # Hydra wraps every error; a user's config error reads better as itself, with the key it names.
-        if isinstance(err.__cause__, ValueError | OSError):
-            raise err.__cause__ from None
-        raise
+    model = instantiate(cfg.model)
+    if datamodule.latents and model.diffusion is not None:
+        prepare_latents(cfg, datamodule, model.diffusion.vae)
+    return model
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:

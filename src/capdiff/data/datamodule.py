@@ -6,11 +6,13 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytorch_lightning as pl
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from capdiff.data.cache_latents import cached_urls
 from capdiff.data.decode import CaptionKey, SkipCounter
 from capdiff.data.pipeline import DecodeSpec, SharedEpoch, TrainStream, ValStream
 from capdiff.data.urls import check_local_shards, count_samples, expand_urls, local_path
@@ -61,6 +63,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         prefetch_factor: int | None = 2,
         seed: int = 0,
         skip_log_every_s: float = 30.0,
+        latents: bool = False,
+        latents_dir: str | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("data.image_size", image_size), ("data.batch_size", batch_size)):
@@ -86,6 +90,14 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.seed = seed
         self.skip_log_every_s = skip_log_every_s
+        if latents and random_crop:
+            raise ValueError(
+                "data.latents=true reads latents cached from the centre crop, so data.random_crop=true would pair "
+                "them with other pixels: set data.random_crop=false (or train without cached latents)."
+            )
+        self.latents = latents
+        self.latents_dir = latents_dir  # read by capdiff.stages.prepare_latents
+        self.reading_latents = False  # set once the shards with latents are in place (use_cached_shards)
         self.skip_counter = SkipCounter()
         self.epoch = SharedEpoch()
         self._shards_checked = False
@@ -94,8 +106,7 @@ class ImageTextDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
-        rank, world_size = (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
-        self.setup_streams(rank, world_size)
+        self.setup_streams(*self._rank_and_world())
 
     def setup_streams(self, rank: int, world_size: int) -> None:
         """Check the shards and build the streams of one rank (tests call it to play several ranks)."""
@@ -110,7 +121,9 @@ class ImageTextDataModule(pl.LightningDataModule):
             )
         per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         workers = max(1, self.num_workers)
-        train_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, self.random_crop)
+        train_spec = DecodeSpec(
+            self.image_size, self.caption_key, self.max_pixels, self.random_crop, self.reading_latents
+        )
         self.train_stream = TrainStream(
             self.train_urls,
             train_spec,
@@ -125,7 +138,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             skip_counter=self.skip_counter,
             log_every_s=self.skip_log_every_s,
         )
-        val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, random_crop=False)
+        val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, False, self.reading_latents)
         self.val_stream = ValStream(
             self.val_urls,
             val_spec,
@@ -135,6 +148,19 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.skip_counter,
             self.skip_log_every_s,
         )
+
+    def use_cached_shards(self, folder: str | Path | None) -> None:
+        """Read `latents.npy` with every sample from now on, from the copies of the shards in `folder`
+        (None: the shards themselves are the cached ones)."""
+        if folder is not None:
+            self.train_urls = cached_urls(self.train_urls, Path(folder))
+            self.val_urls = cached_urls(self.val_urls, Path(folder)) if self.val_urls else []
+            self._shards_checked = False
+        self.reading_latents = True
+        self.setup_streams(*self._rank_and_world())
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (0, 1) if self.trainer is None else (self.trainer.global_rank, self.trainer.world_size)
 
     def _check_shards(self) -> None:
         """The checks that do not depend on the rank, done once however often the streams are rebuilt

@@ -169,6 +169,8 @@ SKIP_REASONS = (
     "missing_caption",
     "empty_caption",
     "bad_caption",  # not UTF-8, or json that does not parse
+    "missing_latents",  # data.latents=true and no latents.npy member
+    "bad_latents",  # latents.npy that does not parse as 2×C×h×w
 )
 
 

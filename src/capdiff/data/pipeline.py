@@ -29,6 +29,7 @@ from capdiff.data.decode import (
     image_member,
 )
 from capdiff.data.decode import load_rgb as _load_rgb
+from capdiff.data.latent_format import LATENTS, decode_latents
 from capdiff.data.transforms import resize_crop, to_uint8_chw, uint8_to_unit
 
 
@@ -38,13 +39,16 @@ class DecodeSpec:
     caption_key: CaptionKey
     max_pixels: int = 64_000_000
     random_crop: bool = False
+    latents: bool = False  # also read the cached VAE posterior (capdiff.data.cache_latents)
 
     def wants(self, fname: str) -> bool:
-        """Which tar members are read at all: the image extensions and the caption member, nothing else."""
+        """Which tar members are read at all: the image extensions, the caption member and (with `latents`)
+        the cached latents, nothing else."""
         base = fname.rsplit("/", 1)[-1]
         _, dot, ext = base.partition(".")
         ext = ext.lower()
-        return bool(dot) and (ext in IMAGE_EXTENSIONS or ext == self.caption_key.member)
+        wanted = ext in IMAGE_EXTENSIONS or ext == self.caption_key.member or (self.latents and ext == LATENTS)
+        return bool(dot) and wanted
 
 
 def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random | None) -> dict:
@@ -53,15 +57,24 @@ def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random | None) -> 
     image = _load_rgb(sample[image_member(sample)], spec.max_pixels, draft_size=spec.image_size)
     image = resize_crop(image, spec.image_size, random_crop=spec.random_crop and rng is not None, rng=rng)
     caption = rng.choice(captions) if rng is not None else captions[0]
-    return {"key": sample["__key__"], "pixels": to_uint8_chw(image), "caption": caption}
+    decoded = {"key": sample["__key__"], "pixels": to_uint8_chw(image), "caption": caption}
+    if spec.latents:
+        if LATENTS not in sample:
+            raise BadSample("missing_latents", f"no {LATENTS} member: cache the shards with capdiff.data.cache_latents")
+        decoded["latent_mean"], decoded["latent_std"] = decode_latents(sample[LATENTS])
+    return decoded
 
 
 def collate(samples: list[dict]) -> dict:
-    return {
+    batch = {
         "pixels": uint8_to_unit(torch.stack([s["pixels"] for s in samples])),
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
     }
+    if "latent_mean" in samples[0]:
+        batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
+        batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
+    return batch
 
 
 class SharedEpoch:

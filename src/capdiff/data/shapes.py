@@ -174,6 +174,8 @@ class ShapesDataModule(ImageTextDataModule):
             raise ValueError(f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed.")
 
     def prepare_data(self) -> None:
+        if self.reading_latents:  # the urls now name the cached copies (capdiff.stages.prepare_latents)
+            return
         wait_s = 0.0 if is_node_leader() else 600.0
         ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
         if self.val_urls:
