@@ -6,7 +6,7 @@ EXTRAS ?= dev,slurm,sweep
 STAMP := $(VENV)/.capdiff-installed
 ARGS ?=
 
-.PHONY: install train test test-all lint format clean
+.PHONY: install train test test-all lint format bench clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test: install
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" $(ARGS)
+
+# Every benchmark in turn (docs/benchmarks.md); each prints a table and its RATIO lines.
+bench: install
+	for b in overhead data_pipeline latents sampling gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .

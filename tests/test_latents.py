@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL
 from capdiff.data.cache_latents import MANIFEST, cache_latents, check_cache, main
 from capdiff.data.decode import BadSample, CaptionKey
 from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
+from capdiff.data.transforms import as_unit
 from capdiff.train import build_datamodule, build_model
 from tests.helpers import good_members, write_tar
 
@@ -51,7 +52,7 @@ def test_cached_shards_keep_every_member_and_add_the_posterior(tmp_path: Path) -
     # The stored mean/std are the VAE posterior of the centre crop the training stream decodes.
     spec = DecodeSpec(16, CaptionKey.parse("txt"))
     sample = {"__key__": "s00007", "png": original["s00007.png"], "txt": original["s00007.txt"]}
-    pixels = collate([decode_sample(sample, spec, rng=None)])["pixels"]
+    pixels = as_unit(collate([decode_sample(sample, spec, rng=None)])["pixels"])
     posterior = vae.encode(pixels).latent_dist
     stored = np.load(io.BytesIO(cached["s00007.latents.npy"]))
     assert stored.shape == (2, 4, 8, 8) and stored.dtype == np.float32

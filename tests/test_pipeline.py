@@ -14,6 +14,7 @@ from PIL import Image
 
 from capdiff.data import ImageTextDataModule
 from capdiff.data.datamodule import EpochLoader
+from capdiff.data.transforms import as_unit
 from tests.helpers import good_members, image_bytes, write_tar
 
 
@@ -33,9 +34,12 @@ def test_batches_have_the_documented_shape_range_and_types(shard_dir: Path) -> N
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"pixels", "captions", "keys"}
     assert batch["pixels"].shape == (4, 3, 16, 16)
-    assert batch["pixels"].dtype == torch.float32
-    assert batch["pixels"].min() >= -1.0
-    assert batch["pixels"].max() <= 1.0
+    assert batch["pixels"].dtype == torch.uint8  # a quarter of the bytes between processes and to the GPU
+    on_device = dm.on_after_batch_transfer(batch, 0)["pixels"]  # what the model sees
+    assert on_device.dtype == torch.float32
+    assert on_device.min() >= -1.0
+    assert on_device.max() <= 1.0
+    torch.testing.assert_close(on_device, batch["pixels"].float() / 127.5 - 1)
     assert all(isinstance(c, str) for c in batch["captions"])
     # whitespace normalized: "caption  of\nk00003 " → "caption of k00003"
     assert all(c == f"caption of {k}" for c, k in zip(batch["captions"], batch["keys"], strict=True))
@@ -54,7 +58,7 @@ def test_pixel_values_map_uint8_to_unit_range(shard_dir: Path) -> None:
     dm.val_urls = dm.train_urls
     dm.setup()
     batch = next(iter(dm.val_dataloader()))
-    by_key = dict(zip(batch["keys"], batch["pixels"], strict=True))
+    by_key = dict(zip(batch["keys"], dm.on_after_batch_transfer(batch, 0)["pixels"], strict=True))
     assert torch.all(by_key["black"] == -1.0)
     assert torch.all(by_key["white"] == 1.0)
 
@@ -80,7 +84,7 @@ def test_every_image_mode_becomes_rgb(shard_dir: Path, fmt: str, mode: str) -> N
     dm.setup()
     batch = next(iter(dm.val_dataloader()))
     assert batch["pixels"].shape == (1, 3, 8, 8)
-    assert batch["pixels"].mean() > 0.8  # near-white survived every conversion
+    assert as_unit(batch["pixels"]).mean() > 0.8  # near-white survived every conversion
 
 
 def test_transparency_is_composited_on_white(shard_dir: Path) -> None:
@@ -91,7 +95,7 @@ def test_transparency_is_composited_on_white(shard_dir: Path) -> None:
     dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None, image_size=10)
     dm.val_urls = dm.train_urls
     dm.setup()
-    assert torch.all(next(iter(dm.val_dataloader()))["pixels"] == 1.0)
+    assert torch.all(next(iter(dm.val_dataloader()))["pixels"] == 255)
 
 
 def test_center_crop_keeps_the_middle_of_a_wide_image(shard_dir: Path) -> None:
@@ -104,7 +108,7 @@ def test_center_crop_keeps_the_middle_of_a_wide_image(shard_dir: Path) -> None:
     dm = datamodule(str(write_tar(shard_dir / "a.tar", members)), None, image_size=10)
     dm.val_urls = dm.train_urls
     dm.setup()
-    pixels = next(iter(dm.val_dataloader()))["pixels"][0]
+    pixels = as_unit(next(iter(dm.val_dataloader()))["pixels"][0])
     assert pixels[1].mean() > 0.9
     assert pixels[0].mean() < -0.9
     assert pixels[2].mean() < -0.9

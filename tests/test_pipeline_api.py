@@ -33,7 +33,10 @@ def test_caption_generate_and_edit_from_a_checkpoint(checkpoint: Path) -> None:
     images = pipe.generate(["a red circle", "a blue square"], steps=3, seed=5)
     assert [im.size for im in images] == [(32, 32)] * 2
     again = pipe.generate(["a blue square"], steps=3, seed=6)  # prompt i uses seed + i: the same image alone
-    assert np.asarray(images[1]).tolist() == np.asarray(again[0]).tolist()
+    # Alone the prompt is not padded to its batch-mate's length, so attention sums in another order: equal up
+    # to float rounding, which may move a pixel by one level of 255.
+    difference = np.abs(np.asarray(images[1], dtype=int) - np.asarray(again[0], dtype=int))
+    assert difference.max() <= 1 and difference.mean() < 0.01
     edited = pipe.edit(images[0], "a green circle", source_prompt="a red circle", steps=3)
     sdedit = pipe.edit(images[0], "a green circle", steps=3, strength=0.5)
     captioned_source = pipe.edit(images[0], "a green circle", steps=3)  # source caption written by the model

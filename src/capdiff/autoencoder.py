@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from pytorch_lightning.callbacks import RichProgressBar
 
+from capdiff.data.transforms import as_unit
+
 log = logging.getLogger(__name__)
 
 
@@ -44,7 +46,7 @@ class AutoencoderModule(pl.LightningModule):
         return {"rec_loss": rec, "kl_loss": kl, "loss": rec + self.kl_weight * kl}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.losses(batch["pixels"])
+        out = self.losses(as_unit(batch["pixels"]))
         for name, value in out.items():
             self.log(f"autoencoder/{name}", value, prog_bar=name == "rec_loss", batch_size=batch["pixels"].shape[0])
         return out["loss"]
@@ -66,7 +68,7 @@ class AutoencoderModule(pl.LightningModule):
         for i, batch in enumerate(loader):
             if i == batches:
                 break
-            latents.append(self.vae.encode(batch["pixels"].to(self.device)).latent_dist.sample())
+            latents.append(self.vae.encode(as_unit(batch["pixels"].to(self.device))).latent_dist.sample())
         return float(1.0 / torch.cat(latents).flatten().std())
 
 
@@ -96,7 +98,7 @@ def train_autoencoder(
     shutil.rmtree(partial, ignore_errors=True)
     module.vae.save_pretrained(partial)
     with torch.no_grad():
-        rec = module.losses(next(iter(held_out))["pixels"])
+        rec = module.losses(as_unit(next(iter(held_out))["pixels"]))
     report = {"steps": max_steps, "scaling_factor": scaling, "val_rec_loss": float(rec["rec_loss"])}
     (partial / "capdiff_first_stage.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(folder, ignore_errors=True)

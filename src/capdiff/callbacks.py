@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.utilities import rank_zero_only
 
-from capdiff.data.transforms import unit_to_uint8
+from capdiff.data.transforms import as_unit, unit_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class SampleGrid(pl.Callback):
             if batch is not None:
                 n = self.num_prompts
                 self._val_batch = {
-                    "pixels": batch["pixels"][:n],
+                    "pixels": as_unit(batch["pixels"][:n]),
                     "captions": batch["captions"][:n],
                     "keys": batch["keys"][:n],
                 }

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from capdiff.data.transforms import as_unit
 from capdiff.losses import caption_loss, contrastive_loss
 from capdiff.models.conditioner import TextConditioner
 from capdiff.models.contrastive import LogitScale
@@ -186,7 +187,7 @@ class JointModule(pl.LightningModule):
 
     def losses(self, batch: dict, stage: str, batch_idx: int = 0) -> dict[str, torch.Tensor]:
         """`{"<term>_loss": ...}` for every active term, and `loss`, their weighted sum."""
-        pixels, captions = batch["pixels"], batch["captions"]
+        pixels, captions = as_unit(batch["pixels"]), batch["captions"]
         out: dict[str, torch.Tensor] = {}
         vision = self.vision(pixels) if self.vision is not None else None
         if self.weights["caption"]:
@@ -263,7 +264,7 @@ class JointModule(pl.LightningModule):
     def caption(self, pixels: torch.Tensor, **generate_kwargs) -> list[str]:
         if self.vision is None:
             raise RuntimeError("this model was trained without the captioner (model.loss.weights.caption=0).")
-        return self.llm.generate(self.vision(pixels.to(self.device))["prefix"], **generate_kwargs)
+        return self.llm.generate(self.vision(as_unit(pixels.to(self.device)))["prefix"], **generate_kwargs)
 
     @torch.no_grad()
     def generate(

@@ -14,9 +14,9 @@ from capdiff.models.diffusion import LatentDiffusion
 def ddim_sample(
     diffusion: LatentDiffusion,
     cond: torch.Tensor,
-    cond_mask: torch.Tensor,
+    cond_mask: torch.Tensor | None,
     uncond: torch.Tensor,
-    uncond_mask: torch.Tensor,
+    uncond_mask: torch.Tensor | None,
     steps: int = 50,
     guidance_scale: float = 4.0,
     eta: float = 0.0,
@@ -61,7 +61,10 @@ def ddim_sample(
             latents = scheduler.add_noise(latents, noise, timesteps[:1].repeat(latents.shape[0]))
     guided = guidance_scale != 1.0
     context = torch.cat([uncond, cond]) if guided else cond
-    context_mask = torch.cat([uncond_mask, cond_mask]) if guided else cond_mask
+    if cond_mask is None or uncond_mask is None:  # no padding anywhere: attention skips the mask
+        context_mask = None
+    else:
+        context_mask = torch.cat([uncond_mask, cond_mask]) if guided else cond_mask
     generator = torch.Generator().manual_seed(seed) if eta > 0 else None
     for t in timesteps:
         model_in = torch.cat([latents, latents]) if guided else latents

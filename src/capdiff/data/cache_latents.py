@@ -33,6 +33,7 @@ from rich.progress import Progress
 from capdiff.data.decode import BadSample, CaptionKey
 from capdiff.data.latent_format import LATENTS
 from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
+from capdiff.data.transforms import as_unit
 from capdiff.data.urls import count_samples, expand_urls, local_path
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def cache_shard(
 
     def flush(writer: wds.TarWriter) -> None:
         batch = collate([decoded for _, decoded in pending])
-        posterior = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
+        posterior = vae.encode(as_unit(batch["pixels"].to(device)).to(vae.dtype)).latent_dist
         stacked = torch.stack([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
         for (raw, _), latents in zip(pending, stacked, strict=True):
             writer.write({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"} | {MEMBER: latents})

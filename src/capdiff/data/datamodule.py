@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from capdiff.data.cache_latents import cached_urls
 from capdiff.data.decode import CaptionKey, SkipCounter
 from capdiff.data.pipeline import DecodeSpec, SharedEpoch, TrainStream, ValStream
+from capdiff.data.transforms import as_unit
 from capdiff.data.urls import check_local_shards, count_samples, expand_urls, local_path
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,10 @@ class ImageTextDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """Evaluation (`evaluate.py`) reads the validation split."""
         return self.val_dataloader()
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """uint8 pixels → float `[-1, 1]` on the model's device."""
+        return batch | {"pixels": as_unit(batch["pixels"])}
 
     def _trainer_epoch(self) -> int | None:
         return None if self.trainer is None else self.trainer.current_epoch

@@ -12,7 +12,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from capdiff.callbacks import find_ema
 from capdiff.data.shapes import ShapesDataModule
-from capdiff.data.transforms import unit_to_uint8
+from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
 from capdiff.evaluation.text import caption_scores
 
@@ -54,7 +54,7 @@ class PeriodicEval(pl.Callback):
             loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
             pixels, captions = [], []
             for batch in loader:
-                pixels.append(batch["pixels"])
+                pixels.append(as_unit(batch["pixels"]))
                 captions += batch["captions"]
                 if len(captions) >= self.num_samples:
                     break

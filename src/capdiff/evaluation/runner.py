@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from capdiff.callbacks import caption_grid
-from capdiff.data.transforms import unit_to_uint8
+from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features, truncate_for_clip
 from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
@@ -95,7 +95,7 @@ class Evaluator(pl.LightningModule):
 
     # ---------------------------------------------------------------- test loop: validation images
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        pixels, captions, keys = batch["pixels"], batch["captions"], batch["keys"]
+        pixels, captions, keys = as_unit(batch["pixels"]), batch["captions"], batch["keys"]
         if self.settings.num_samples is not None:
             share = -(-self.settings.num_samples // self.trainer.world_size)
             keep = max(0, min(len(keys), share - self._seen))

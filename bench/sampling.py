@@ -1,0 +1,82 @@
+"""Sampling: capdiff's DDIM loop (`capdiff.sampling.ddim_sample`) vs diffusers' own StableDiffusionPipeline
+loop over the same UNet, DDIM scheduler, steps, guidance scale, conditions and starting noise.
+
+The tiny preset's UNet (random weights) and its sampling scheduler; the pipeline gets the conditions as
+`prompt_embeds` and returns latents, so both sides time the same denoising loop. The two outputs must agree
+(printed), or the comparison would mean nothing. Goal ≥ 1.0× (capdiff's images/s over the pipeline's).
+
+    python bench/sampling.py [--rounds 5] [--steps 25] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import torch
+from common import compose, interleaved, median, parser, ratio_line, show, spread
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+from capdiff.models.diffusion import LatentDiffusion
+from capdiff.sampling import ddim_sample
+
+
+def main() -> None:
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    args = p.parse_args()
+    steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
+    model = compose([], args.data_dir).model
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**model.unet.config).eval()
+    diffusion = LatentDiffusion(unet, vae=torch.nn.Identity(), **model.diffusion)
+    scheduler = diffusion.sampling_scheduler()
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    cond, uncond = torch.randn(args.batch, 20, width), torch.randn(args.batch, 20, width)
+    noise = torch.stack(
+        [torch.randn(4, size, size, generator=torch.Generator().manual_seed(i)) for i in range(args.batch)]
+    )
+
+    pipe = StableDiffusionPipeline(
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def capdiff() -> torch.Tensor:
+        return ddim_sample(
+            diffusion, cond, None, uncond, None, steps, args.guidance_scale, latents=noise, guidance_rescale=0.0
+        )
+
+    def diffusers() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=cond,
+            negative_prompt_embeds=uncond,
+            num_inference_steps=steps,
+            guidance_scale=args.guidance_scale,
+            latents=noise.clone(),
+            output_type="latent",
+            height=size,  # with vae=None the pipeline's scale factor is 1: these are latent sides
+            width=size,
+        ).images
+
+    with torch.inference_mode():
+        difference = (capdiff() - diffusers()).abs().max().item()
+        results = interleaved({"capdiff ddim_sample": capdiff, "diffusers StableDiffusionPipeline": diffusers}, rounds)
+    show(
+        f"DDIM, {steps} steps, guidance {args.guidance_scale}, batch {args.batch}, tiny UNet, {rounds} rounds",
+        ["sampler", "ms per batch: median (range)", "images/s"],
+        [[k, spread(v), f"{args.batch / median(v):.1f}"] for k, v in results.items()],
+    )
+    print(f"max |capdiff - diffusers| over the final latents: {difference:.2e}")
+    ratio = median(results["diffusers StableDiffusionPipeline"]) / median(results["capdiff ddim_sample"])
+    ratio_line("capdiff/diffusers sampling images/s", ratio, 1.0)
+
+
+if __name__ == "__main__":
+    main()
