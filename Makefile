@@ -29,7 +29,7 @@ test-all: install
 
 # Every benchmark in turn (docs/benchmarks.md); each prints a table and its RATIO lines.
 bench: install
-	for b in overhead data_pipeline latents sampling gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
+	for b in overhead step data_pipeline latents sampling gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
 
 lint: install
 	$(VENV)/bin/ruff check .

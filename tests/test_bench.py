@@ -14,6 +14,7 @@ RATIOS = {
     "data_pipeline": ["capdiff 1 worker / raw", "capdiff 2 workers / 1 worker"],
     "latents": ["tiny preset: on-the-fly / cached step time (CPU)"],
     "sampling": ["capdiff/diffusers sampling images/s"],
+    "step": ["step time before / now"],
 }
 
 
