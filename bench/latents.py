@@ -57,7 +57,8 @@ def sd(rounds: int, image_size: int) -> float:
     vae, unet = sd_vae().eval().requires_grad_(False), sd_unet(image_size // 8)
     unet.enable_gradient_checkpointing()
     pixels = torch.rand(1, 3, image_size, image_size) * 2 - 1
-    mean, std = (t.detach() for t in (lambda d: (d.mean, d.std))(vae.encode(pixels).latent_dist))
+    posterior = vae.encode(pixels).latent_dist
+    mean, std = posterior.mean.detach(), posterior.std.detach()
     context = torch.randn(1, 40, unet.config.cross_attention_dim)
 
     def unet_step(latents: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from capdiff.data.cache_latents import MANIFEST, cache_latents, check_cache, main
+from capdiff.data.cache_latents import MANIFEST, cache_latents, check_cache, main, vae_fingerprint
 from capdiff.data.decode import BadSample, CaptionKey
 from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
 from capdiff.data.transforms import as_unit
@@ -91,11 +91,11 @@ def test_a_cache_from_another_vae_or_size_is_refused_with_the_fix(tmp_path: Path
     shards = [str(write_tar(tmp_path / "in" / "train-0.tar", good_members("s", 2)))]
     cache_latents(shards, tmp_path / "out", tiny_vae(0), "v", image_size=16)
     cached = [str(tmp_path / "out" / "train-0.tar")]
-    check_cache(cached, "data.latents_dir", 16, tiny_vae(0))
+    check_cache(cached, "data.latents_dir", 16, vae_fingerprint(tiny_vae(0)))
     with pytest.raises(ValueError, match=r"another VAE.*cache_latents"):
-        check_cache(cached, "data.latents_dir", 16, tiny_vae(1))
+        check_cache(cached, "data.latents_dir", 16, vae_fingerprint(tiny_vae(1)))
     with pytest.raises(ValueError, match=r"data\.image_size=16"):
-        check_cache(cached, "data.latents_dir", 32, tiny_vae(0))
+        check_cache(cached, "data.latents_dir", 32, vae_fingerprint(tiny_vae(0)))
 
 
 def test_the_command_line_caches_with_a_saved_vae(tmp_path: Path, capsys) -> None:

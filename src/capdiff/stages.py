@@ -94,25 +94,28 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
 def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> Path:
     """`data.latents=true`: encode the shards with the run's VAE once (cached per data and VAE, or into
     `data.latents_dir`) and point the data module at the cached copies."""
+    fingerprint = vae_fingerprint(vae)
     if read_manifest(datamodule.train_urls) is not None:  # data.train_urls are cached shards already
         datamodule.use_cached_shards(None)
-        check_cache(datamodule.train_urls, "data.train_urls", datamodule.image_size, vae)
-        return Path(local_path(datamodule.train_urls[0])).parent
+        check_cache(datamodule.train_urls, "data.train_urls", datamodule.image_size, fingerprint)
+        return local_path(datamodule.train_urls[0]).parent
     urls = datamodule.train_urls + datamodule.val_urls
     folder = cfg.data.get("latents_dir")
     if not folder:
-        settings = {"vae": vae_fingerprint(vae), "image_size": datamodule.image_size, "val": datamodule.val_urls}
+        settings = {"vae": fingerprint, "image_size": datamodule.image_size, "val": datamodule.val_urls}
         folder = cache_folder(cfg.paths.data_dir, "latents", datamodule, settings)
     folder = Path(folder)
     if not is_complete(urls, folder):
         if is_node_leader():
             log.info("caching VAE latents of %d shards in %s (once)", len(urls), folder)
             name = str(cfg.model.vae.get("name_or_path"))
-            cache_latents(urls, folder, vae, name, datamodule.image_size, datamodule.caption_key.spec)
+            cache_latents(
+                urls, folder, vae, name, datamodule.image_size, datamodule.caption_key.spec, fingerprint=fingerprint
+            )
         else:
             wait_until(lambda: is_complete(urls, folder), 24 * 3600, f"the cached latents in {folder}")
     else:
         log.info("reusing the cached latents in %s", folder)
     datamodule.use_cached_shards(folder)
-    check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, vae)
+    check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, fingerprint)
     return folder

@@ -39,7 +39,6 @@ from capdiff.data.urls import count_samples, expand_urls, local_path
 log = logging.getLogger(__name__)
 
 MANIFEST = "capdiff_latents.json"
-MEMBER = LATENTS
 
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
@@ -58,7 +57,7 @@ def read_manifest(urls: list[str]) -> dict | None:
     return json.loads(manifest.read_text()) if manifest is not None and manifest.is_file() else None
 
 
-def check_cache(urls: list[str], key: str, image_size: int, vae: torch.nn.Module) -> None:
+def check_cache(urls: list[str], key: str, image_size: int, fingerprint: str) -> None:
     """Fail before training when the cached latents were made with another VAE or image size."""
     manifest = read_manifest(urls)
     if manifest is None:
@@ -73,7 +72,7 @@ def check_cache(urls: list[str], key: str, image_size: int, vae: torch.nn.Module
             f"{key}: the latents were cached at image size {manifest['image_size']} but data.image_size="
             f"{image_size}: set data.image_size={manifest['image_size']}, or {fix}."
         )
-    if manifest["vae_fingerprint"] != vae_fingerprint(vae):
+    if manifest["vae_fingerprint"] != fingerprint:
         raise ValueError(f"{key}: the latents were cached with another VAE ({manifest['vae']}); {fix}.")
 
 
@@ -95,7 +94,9 @@ def cache_shard(
         posterior = vae.encode(as_unit(batch["pixels"].to(device)).to(vae.dtype)).latent_dist
         stacked = torch.stack([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
         for (raw, _), latents in zip(pending, stacked, strict=True):
-            writer.write({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"} | {MEMBER: latents})
+            writer.write(
+                {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"} | {LATENTS: latents}
+            )
         counts["written"] += len(pending)
         if progress is not None:
             progress.advance(task, len(pending))
@@ -133,6 +134,7 @@ def cache_latents(
     rank: int = 0,
     world_size: int = 1,
     console: Console | None = None,
+    fingerprint: str | None = None,
 ) -> Counter:
     """Encode this rank's share of `urls` into `out` with `vae` (an AutoencoderKL on its device)."""
     console = console or Console(stderr=True)
@@ -143,7 +145,7 @@ def cache_latents(
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         manifest = {
             "vae": vae_name,
-            "vae_fingerprint": vae_fingerprint(vae),
+            "vae_fingerprint": fingerprint or vae_fingerprint(vae),
             "scaling_factor": float(vae.config.scaling_factor),
             "image_size": image_size,
             "latent_shape": [int(vae.config.latent_channels), image_size // factor, image_size // factor],

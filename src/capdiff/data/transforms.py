@@ -58,16 +58,14 @@ def to_uint8_hwc(image: Image.Image) -> torch.Tensor:
 
 
 def uint8_to_unit(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 `[0, 255]` → float `[-1, 1]`."""
-    return pixels.float().div_(127.5).sub_(1.0)
+    """uint8 `[0, 255]` → float `[-1, 1]`, contiguous whatever the input's strides."""
+    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def as_unit(pixels: torch.Tensor) -> torch.Tensor:
     """Batches travel as uint8 (a quarter of the bytes between processes and to the GPU) and become float
     `[-1, 1]` where they are used; float pixels pass through unchanged."""
-    if pixels.dtype != torch.uint8:
-        return pixels
-    return pixels.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+    return uint8_to_unit(pixels) if pixels.dtype == torch.uint8 else pixels
 
 
 def unit_to_uint8(pixels: torch.Tensor) -> torch.Tensor:
