@@ -64,6 +64,18 @@ def test_a_zero_weight_term_is_not_computed_and_its_parts_get_no_optimizer_state
     assert not any(n.startswith("conditioner.to_embed") for n in grouped)
 
 
+def test_without_diffusion_grad_the_diffusion_loss_trains_the_connector_but_not_the_llm(smoke_cfg) -> None:
+    model, batch = build(smoke_cfg("model.conditioner.diffusion_grad=false"))
+    model.losses(batch, "train")["diffusion_loss"].backward()
+    assert all(p.grad is None for p in model.llm.parameters())
+    assert all(p.grad is not None for p in model.conditioner.connector.parameters())
+    assert trainable(model, "llm.")  # the captioner and contrastive losses still train it
+
+    model, _ = build(smoke_cfg("experiment=diffusion_only"))
+    assert not trainable(model, "llm.")  # nothing trains it: no optimizer state, no DDP sync
+    assert "llm" not in model.param_groups()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

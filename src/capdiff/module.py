@@ -98,7 +98,7 @@ class JointModule(pl.LightningModule):
 
         self.conditioner = None
         if weights["diffusion"] or weights["contrastive"]:
-            options = {k: v for k, v in (conditioner or {}).items() if k in ("hidden", "pool")}
+            options = {k: v for k, v in (conditioner or {}).items() if k in ("hidden", "pool", "diffusion_grad")}
             self.conditioner = TextConditioner(self.llm.hidden_size, cross_dim, embed_dim, **options)
         self.logit_scale = None
         if weights["contrastive"]:
@@ -135,6 +135,9 @@ class JointModule(pl.LightningModule):
             freeze(self.conditioner.to_embed)
         if self.conditioner is not None and not self.weights["diffusion"]:
             freeze(self.conditioner.connector)
+        llm_grad = self.conditioner is not None and self.conditioner.diffusion_grad and self.weights["diffusion"]
+        if not (self.weights["caption"] or self.weights["contrastive"] or llm_grad):
+            freeze(self.llm.lm)  # only read: the UNet's condition does not train it (model.conditioner.diffusion_grad)
         if not self.weights["caption"]:
             head = self.llm.lm.get_output_embeddings()
             if head is not None and head.weight is not self.llm.lm.get_input_embeddings().weight:

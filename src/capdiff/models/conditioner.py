@@ -11,10 +11,22 @@ class TextConditioner(nn.Module):
 
     The text embedding is the projected hidden state at the last real token (`pool="last"`), which is the
     only position of a causal LM that has seen the whole caption, or the masked mean (`pool="mean"`).
+
+    With `diffusion_grad=False` the diffusion loss trains the connector but not the LLM under it: the UNet
+    reads the LLM's states as they are, as Stable Diffusion reads a frozen text encoder.
     """
 
-    def __init__(self, llm_dim: int, cross_dim: int, embed_dim: int, hidden: int = 512, pool: str = "last"):
+    def __init__(
+        self,
+        llm_dim: int,
+        cross_dim: int,
+        embed_dim: int,
+        hidden: int = 512,
+        pool: str = "last",
+        diffusion_grad: bool = True,
+    ):
         super().__init__()
+        self.diffusion_grad = diffusion_grad
         if pool not in ("last", "mean"):
             raise ValueError(f"model.conditioner.pool={pool!r}: use 'last' or 'mean'.")
         self.pool = pool
@@ -31,7 +43,7 @@ class TextConditioner(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, embed: bool = True) -> dict[str, torch.Tensor]:
-        out = {"cond": self.connector(hidden), "cond_mask": mask}
+        out = {"cond": self.connector(hidden if self.diffusion_grad else hidden.detach()), "cond_mask": mask}
         if embed:
             out["text_embed"] = self.to_embed(self.pooled(hidden, mask))
         return out
