@@ -7,7 +7,9 @@ computed, and the parts only it uses are not built (or, when shared, are frozen)
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -26,6 +28,7 @@ from capdiff.models.vision import VisionEncoder
 from capdiff.sampling import ddim_sample
 
 TERMS = ("diffusion", "caption", "contrastive")
+log = logging.getLogger(__name__)
 
 
 class JointModule(pl.LightningModule):
@@ -43,6 +46,7 @@ class JointModule(pl.LightningModule):
         image_size: int = 32,
         caption_dropout: float = 0.1,
         speed: dict | None = None,
+        nonfinite: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +57,8 @@ class JointModule(pl.LightningModule):
         self.caption_dropout = caption_dropout
         self.optim = dict(optim or {})
         self.speed = {"channels_last": "auto", "compile": {}} | dict(speed or {})
+        self.nonfinite = {"max_skips": 10, "checkpoint": True} | dict(nonfinite or {})
+        self.skipped_steps = 0
         contrastive = dict(contrastive or {})
         embed_dim = int(contrastive.get("embed_dim", 256))
 
@@ -219,9 +225,11 @@ class JointModule(pl.LightningModule):
         out["loss"] = sum(self.weights[name.removesuffix("_loss")] * value for name, value in out.items())
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         out = self.losses(batch, "train", batch_idx)
         size = batch["pixels"].shape[0]
+        if self._skip_nonfinite(out):
+            return None  # no backward, no optimizer step (on every rank: the decision is shared)
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=size)
         if self.logit_scale is not None:
@@ -230,6 +238,39 @@ class JointModule(pl.LightningModule):
         for reason, count in (getattr(datamodule, "skipped", None) or {}).items():
             self.log(f"data/skipped_{reason}", float(count), on_step=True, reduce_fx="sum", batch_size=size)
         return out["loss"]
+
+    def _skip_nonfinite(self, out: dict[str, torch.Tensor]) -> bool:
+        """A NaN/inf loss skips its step with a warning, up to `model.nonfinite.max_skips` times in a run; the
+        next one saves `checkpoints/nonfinite-step<N>.ckpt` (the last finite weights) and stops the run."""
+        finite = bool(torch.isfinite(out["loss"].detach()).item())
+        if self._trainer is not None:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return False
+        self.skipped_steps += 1
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k != "loss")
+        step = self.global_step
+        if self.skipped_steps <= int(self.nonfinite["max_skips"]):
+            log.warning(
+                "step %d: non-finite loss (%s): step skipped (%d of model.nonfinite.max_skips=%d)",
+                step,
+                terms,
+                self.skipped_steps,
+                self.nonfinite["max_skips"],
+            )
+            self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True, batch_size=1)
+            return True
+        saved = ""
+        if self.nonfinite.get("checkpoint") and self._trainer is not None:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{step:06d}.ckpt"
+            self.trainer.save_checkpoint(path)
+            saved = f" The last finite weights are in {path}."
+        raise FloatingPointError(
+            f"step {step}: the loss was non-finite ({terms}); {self.skipped_steps} non-finite steps in this run are "
+            f"more than model.nonfinite.max_skips={self.nonfinite['max_skips']}.{saved} Lower model.optim.lr, keep "
+            "trainer.gradient_clip_val on, or train in 32-true / bf16-mixed instead of 16-mixed; raise "
+            "model.nonfinite.max_skips to tolerate more."
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self.losses(batch, "val", batch_idx)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
@@ -47,19 +49,69 @@ def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
     return model
 
 
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The most recently written `.ckpt` of a run folder (`last.ckpt` unless a later one exists)."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
+
+
+def requeued() -> bool:
+    """Whether this process is a Slurm job that was requeued (preempted or timed out, then started again)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """`last` → this run folder's `checkpoints/last.ckpt`; a run folder → its `last.ckpt`; a file as is."""
+    """Where training resumes from:
+    - `last`: the newest checkpoint in this run's folder (`hydra.run.dir=<the run>`); an error if none;
+    - `auto`: the same, or a fresh start when the folder has none (what a requeued Slurm job uses);
+    - a run folder: its newest checkpoint; a file: itself; null: a fresh start.
+    """
+    if ckpt_path is None and requeued():
+        ckpt_path = "auto"
     if ckpt_path is None:
         return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt" if (path / "checkpoints").is_dir() else path / "last.ckpt"
+    if ckpt_path in ("last", "auto"):
+        path = newest_checkpoint(output_dir)
+        if path is None and ckpt_path == "auto":
+            return None
+        path = path or Path(output_dir) / "checkpoints" / "last.ckpt"
+    else:
+        path = Path(ckpt_path)
+        if path.is_dir():
+            path = newest_checkpoint(path) or newest_checkpoint(path.parent) or path / "last.ckpt"
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file, a run folder, or `last` "
-            "together with hydra.run.dir=<the run folder to continue>."
+            "together with hydra.run.dir=<the run folder to continue> (`auto` starts fresh when there is none)."
         )
     return str(path)
+
+
+def load_weights(model: pl.LightningModule, init_from: str) -> None:
+    """`init_from=<file>`: start from a checkpoint's weights, with fresh optimizer, schedule and step count."""
+    path = Path(init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} → {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"init_from={init_from}: the checkpoint does not match this model (missing {len(missing)} keys, e.g. "
+            f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]}; other shapes {len(reshaped)}, "
+            f"e.g. {reshaped[:3]}). Build the model with the checkpoint's own `model` config (its run folder's "
+            "config.yaml)."
+        )
+    model.load_state_dict(state)
+    log.info("initialised the weights from %s", path)
 
 
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
@@ -67,6 +119,11 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     apply_extras(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    if cfg.get("init_from") and cfg.get("ckpt_path"):
+        raise ValueError(
+            "init_from and ckpt_path are both set: ckpt_path resumes a run (weights, optimizer, step), init_from "
+            "only loads weights into a new run. Give one of them."
+        )
     datamodule = build_datamodule(cfg)
     if cfg.get("stage") == "autoencoder":
         folder = prepare_autoencoder(cfg, datamodule, force=True)
@@ -74,6 +131,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         report = json.loads((folder / "capdiff_first_stage.json").read_text())
         return {"autoencoder/val_rec_loss": report["val_rec_loss"]}
     model = build_model(cfg, datamodule)
+    if cfg.get("init_from") and ckpt_path is None:
+        load_weights(model, cfg.init_from)
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += extra_callbacks or []

@@ -1,0 +1,141 @@
+"""Faults a long run meets: non-finite losses, SIGKILL at any moment, resuming, starting from other weights."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from capdiff.train import resolve_ckpt_path, train
+from tests.helpers import REPO
+
+
+class Poison(pl.Callback):
+    """Makes the loss NaN at the given batch indices of the first epoch."""
+
+    def __init__(self, batches: set[int]) -> None:
+        self.batches = batches
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        losses = pl_module.losses
+
+        def poisoned(batch: dict, stage: str, batch_idx: int = 0) -> dict:
+            out = losses(batch, stage, batch_idx)
+            if stage == "train" and trainer.current_epoch == 0 and batch_idx in self.batches:
+                out["diffusion_loss"] = out["diffusion_loss"] * float("nan")
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        pl_module.losses = poisoned
+
+
+def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(smoke_cfg, tmp_path: Path) -> None:
+    metrics = train(smoke_cfg("model.nonfinite.max_skips=2"), extra_callbacks=[Poison({1, 2})])
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    # 4 batches, 2 skipped: the loop's step counter advances, but no weight saw an update for them
+    assert checkpoint["global_step"] == 4
+    assert {float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()} == {2.0}
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_too_many_nonfinite_losses_stop_the_run_with_a_checkpoint(smoke_cfg, tmp_path: Path) -> None:
+    with pytest.raises(FloatingPointError, match=r"model.nonfinite.max_skips=1.*nonfinite-step000002.ckpt"):
+        train(smoke_cfg("model.nonfinite.max_skips=1"), extra_callbacks=[Poison({1, 2})])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "nonfinite-step000002.ckpt", weights_only=True)
+    assert saved["global_step"] == 2  # batch 0 trained, batch 1 skipped, batch 2 the one too many
+    assert {float(s["step"]) for s in saved["optimizer_states"][0]["state"].values()} == {1.0}
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_ckpt_path_last_and_auto_find_the_newest_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    folder = tmp_path / "checkpoints"
+    assert resolve_ckpt_path("auto", str(tmp_path)) is None  # nothing yet: a fresh start
+    with pytest.raises(FileNotFoundError, match="`auto` starts fresh"):
+        resolve_ckpt_path("last", str(tmp_path))
+    folder.mkdir()
+    older, newer = folder / "last.ckpt", folder / "epoch000-step000900.ckpt"
+    older.write_bytes(b"a")
+    newer.write_bytes(b"b")
+    os.utime(older, ns=(1_000_000_000, 1_000_000_000))
+    assert resolve_ckpt_path("last", str(tmp_path)) == str(newer)
+    assert resolve_ckpt_path(str(tmp_path), "/elsewhere") == str(newer)  # a run folder
+    assert resolve_ckpt_path(None, str(tmp_path)) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # a requeued Slurm job resumes by itself
+    assert resolve_ckpt_path(None, str(tmp_path)) == str(newer)
+
+
+def test_init_from_loads_weights_into_a_fresh_run(smoke_cfg, tmp_path: Path) -> None:
+    train(smoke_cfg())
+    source = tmp_path / "first.ckpt"
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").rename(source)
+    weights = torch.load(source, weights_only=True)["state_dict"]
+
+    class Captured(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.step = trainer.global_step
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    captured = Captured()
+    train(smoke_cfg(f"init_from={source}"), extra_callbacks=[captured])
+    assert captured.step == 0
+    for name, value in weights.items():
+        torch.testing.assert_close(captured.state[name], value)
+
+    with pytest.raises(ValueError, match="init_from and ckpt_path are both set"):
+        train(smoke_cfg(f"init_from={source}", f"ckpt_path={source}"))
+    with pytest.raises(ValueError, match=r"does not match this model .*config.yaml"):
+        train(smoke_cfg(f"init_from={source}", "model.conditioner.hidden=48"))
+
+
+def checkpoints_load(folder: Path) -> list[int]:
+    """Every checkpoint in the folder loads completely; returns their steps."""
+    steps = []
+    for path in sorted(folder.glob("*.ckpt")):
+        steps.append(torch.load(path, weights_only=True, map_location="cpu")["global_step"])
+    return steps
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint_and_the_run_resumes(
+    smoke_root: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    folder = run / "checkpoints"
+    command = [
+        sys.executable, "train.py", f"hydra.run.dir={run}", "extras.print_config=false", "experiment=smoke",
+        "trainer.max_epochs=25", "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.monitor=null", "callbacks.periodic_eval.every_n_steps=0",
+        "callbacks.sample_grid=null", "logger=csv", "ckpt_path=auto",
+    ]  # fmt: skip
+    env = os.environ | {"CAPDIFF_ROOT": str(smoke_root)}
+    rng = random.Random(0)
+    reached = 0
+    log = tmp_path / "stderr.log"
+    for _ in range(3):
+        with log.open("w") as sink:
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+        deadline = time.monotonic() + 180
+        while not any(s > reached for s in (checkpoints_load(folder) if folder.is_dir() else [])):
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no new checkpoint within 3 minutes"
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in a step, or in a checkpoint write
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        steps = checkpoints_load(folder)  # raises if any checkpoint were half-written
+        assert max(steps) > reached  # each restart resumed and went further
+        reached = max(steps)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {folder}" in done.stderr + done.stdout
+    # A mid-epoch resume replays that epoch's stream from its start (an IterableDataset cannot skip ahead), so
+    # each restart may add up to one epoch's steps (4 here) to the 25 × 4 planned.
+    assert 25 * 4 <= torch.load(folder / "last.ckpt", weights_only=True)["global_step"] <= 25 * 4 + 3 * 4
