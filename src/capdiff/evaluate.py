@@ -18,6 +18,7 @@ from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
 from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
+from capdiff.loggers import build_loggers, finish_loggers, log_eval_tables
 from capdiff.module import JointModule
 from capdiff.train import build_datamodule
 
@@ -114,7 +115,14 @@ def evaluate(cfg: DictConfig) -> dict:
     if not datamodule.val_urls:
         raise ValueError("data.val_urls is not set: evaluation needs validation shards.")
     model, used_ema = load_checkpoint(path, ema=cfg.eval.get("ema"))
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg)
+    try:
+        return run_evaluation(cfg, path, out_dir, settings, datamodule, model, used_ema, loggers)
+    finally:
+        finish_loggers(loggers)
+
+
+def run_evaluation(cfg, path, out_dir, settings, datamodule, model, used_ema, loggers) -> dict:
     trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     (losses,) = trainer.validate(model, datamodule=datamodule)
     evaluator = build_evaluator(cfg, model, datamodule, settings)
@@ -152,6 +160,8 @@ def evaluate(cfg: DictConfig) -> dict:
             grids = sorted(str(p) for p in out_dir.glob("grid_g*.png"))
             if grids:
                 logger.log_image(key="eval/samples", images=grids, caption=[Path(g).stem for g in grids])
+    if trainer.is_global_zero:
+        log_eval_tables(loggers, numeric, out_dir / "samples")
     return metrics
 
 

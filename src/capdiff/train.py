@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
+from capdiff.loggers import build_loggers, finish_loggers
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,12 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += extra_callbacks or []
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    loggers = build_loggers(cfg)
     try:
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
-        for logger in loggers:
-            if isinstance(logger, pl.loggers.WandbLogger):
-                logger.experiment.finish()
+        finish_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
