@@ -11,10 +11,9 @@ os.environ.setdefault("CAPDIFF_ROOT", str(Path(__file__).resolve().parent))
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from capdiff.train import train
+    from capdiff.train import sweep_value, train
 
-    metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+    return sweep_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

@@ -115,8 +115,41 @@ def load_weights(model: pl.LightningModule, init_from: str) -> None:
     log.info("initialised the weights from %s", path)
 
 
+def check_multirun_strategy(cfg: DictConfig) -> None:
+    """Lightning's `strategy=ddp` starts the other ranks by running the same command again; under a local
+    `-m` that command is the whole sweep, so every rank would start its own sweep. Refuse it up front."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    trainer = cfg.trainer
+    strategy = str(trainer.get("strategy") or "")
+    devices = trainer.get("devices")
+    several = devices not in (None, 1, "1") or int(trainer.get("num_nodes") or 1) > 1
+    launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+    if strategy.startswith("ddp") and "spawn" not in strategy and several and "submitit" not in launcher:
+        raise ValueError(
+            f"trainer.strategy={strategy} with trainer.devices={devices} under a local multirun (-m): the extra "
+            "DDP ranks would each re-run the whole sweep. Submit the sweep with hydra/launcher=slurm (one job "
+            "per point, its ranks started by Slurm), run the points one by one without -m, or use "
+            "trainer.strategy=ddp_spawn for a local sweep."
+        )
+
+
+def sweep_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value a sweeper optimizes: `metrics[optimized_metric]`, or None when no metric is named."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name} is not among this run's final metrics: {sorted(metrics)}.")
+    return metrics[name]
+
+
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
     """Returns the run's final metrics (`trainer.callback_metrics`)."""
+    check_multirun_strategy(cfg)
     apply_extras(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
