@@ -6,7 +6,7 @@ EXTRAS ?= dev,slurm,sweep
 STAMP := $(VENV)/.capdiff-installed
 ARGS ?=
 
-.PHONY: install train test test-all lint format bench clean
+.PHONY: install train test test-slurm test-all lint format bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ train: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+# On a one-node Slurm cluster the tests start on localhost (needs .ci/install-slurm; skips otherwise).
+test-slurm: install
+	$(PY) -m pytest -m slurm -rs $(ARGS)
 
 test-all: install
 	$(PY) -m pytest -m "not gpu" $(ARGS)

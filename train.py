@@ -6,7 +6,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from capdiff.config import register_resolvers
+
 os.environ.setdefault("CAPDIFF_ROOT", str(Path(__file__).resolve().parent))
+register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

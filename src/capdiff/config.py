@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 PRINT_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths", "extras")
 
 
+def register_resolvers() -> None:
+    """Resolvers the configs use; registered before Hydra composes them (train.py, evaluate.py)."""
+    if not OmegaConf.has_resolver("capdiff.gpus_per_node"):
+        # conf/hydra/launcher/slurm.yaml: a GPU per device on GPU trainers, none on CPU ones
+        OmegaConf.register_new_resolver(
+            "capdiff.gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else None
+        )
+
+
 def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
@@ -47,3 +56,6 @@ def save_resolved_config(cfg: DictConfig, folder: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+register_resolvers()

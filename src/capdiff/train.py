@@ -12,10 +12,12 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
+from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import build_loggers, finish_loggers
+from capdiff.slurm import Requeue, in_slurm_job
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -170,9 +172,15 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += extra_callbacks or []
+    plugins = []
+    if in_slurm_job():  # capdiff's Requeue owns the pre-timeout signal, not Lightning's auto-requeue
+        callbacks.append(Requeue())
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     loggers = build_loggers(cfg)
     try:
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
+        )
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         finish_loggers(loggers)

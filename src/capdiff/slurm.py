@@ -1,0 +1,75 @@
+"""Slurm: one owner for the pre-timeout / preemption signal.
+
+Slurm sends the signal some time before a job's limit (`hydra.launcher.signal_delay_s`, submitit's USR2 unless
+SUBMITIT_PREEMPT_SIGNAL names another). submitit and Lightning would both like to handle it; capdiff's
+`Requeue` callback replaces both (Lightning's auto-requeue is switched off, submitit's handler is replaced
+during fit): every rank notes the signal, all ranks agree at the next batch end, save one checkpoint together,
+rank 0 runs `scontrol requeue`, and the job waits for Slurm to stop it. The requeued job runs the same Hydra job
+in the same run folder; `ckpt_path` then resolves to `auto` (SLURM_RESTART_COUNT > 0), so it resumes from that
+checkpoint at the same step, with the same W&B run (its id is kept in the run folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+
+log = logging.getLogger(__name__)
+
+
+def in_slurm_job() -> bool:
+    """A batch job whose tasks Slurm started (not an interactive `salloc` shell)."""
+    return SLURMEnvironment.detect() and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def requeue_signal() -> signal.Signals:
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+
+
+class Requeue(pl.Callback):
+    def __init__(self, max_requeues: int = 100, wait_s: float = 600) -> None:
+        self.max_requeues = max_requeues  # then checkpoint and stop instead of requeueing again
+        self.wait_s = wait_s  # how long to wait for Slurm to stop the job after the requeue
+        self.signalled = False
+        self._previous = None
+
+    def _note(self, signum: int, frame) -> None:
+        self.signalled = True  # a signal handler does as little as possible: the work happens at a batch end
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sig = requeue_signal()
+        self._previous = signal.signal(sig, self._note)
+        log.info("Slurm job %s: %s saves a checkpoint and requeues", os.environ.get("SLURM_JOB_ID"), sig.name)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._previous is not None:
+            signal.signal(requeue_signal(), self._previous)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            return
+        path = Path(trainer.default_root_dir) / "checkpoints" / f"requeue-step{trainer.global_step:06d}.ckpt"
+        trainer.save_checkpoint(path)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        if restarts >= self.max_requeues:
+            log.warning("signal received; requeued %d times already: stopping after saving %s", restarts, path)
+            trainer.should_stop = True
+            return
+        if trainer.is_global_zero:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+            log.info("saved %s; requeueing Slurm job %s", path, job)
+            subprocess.run(["scontrol", "requeue", job], check=True)
+        # Slurm now stops this job and starts it again; finishing normally here would report it as done.
+        deadline = time.monotonic() + self.wait_s
+        while time.monotonic() < deadline:
+            time.sleep(1)
+        raise RuntimeError(f"the job was requeued but Slurm did not stop it within {self.wait_s} s")
