@@ -106,3 +106,23 @@ def test_when_wandb_cannot_be_reached_the_run_goes_on_offline(tmp_path: Path) ->
     assert "W&B could not start online" in done.stderr
     (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     assert "val/loss" in summarize(path)["history"]
+
+
+def test_evaluation_results_go_to_wandb_as_tables(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from capdiff.loggers import finish_loggers, log_eval_tables, wandb_logger
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(samples / "000000.png")
+    (samples / "index.jsonl").write_text(
+        '{"prompt": "a red circle", "seed": 7, "guidance_scale": 4.0, "file": "000000.png"}\n'
+    )
+    logger = wandb_logger(save_dir=str(tmp_path / "run"), offline=True, job_type="eval")
+    log_eval_tables([logger], {"fd_probe": 12.5, "probe_attr/mean": 0.5}, samples)
+    finish_loggers([logger])
+    (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = summarize(path)
+    assert {"eval/metrics/_type", "eval/samples_table/_type"} <= logged["history"]
+    assert logged["run"].job_type == "eval"

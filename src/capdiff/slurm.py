@@ -63,11 +63,22 @@ class Requeue(pl.Callback):
             log.warning("signal received; requeued %d times already: stopping after saving %s", restarts, path)
             trainer.should_stop = True
             return
+        requeued = True
         if trainer.is_global_zero:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
             job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
             log.info("saved %s; requeueing Slurm job %s", path, job)
-            subprocess.run(["scontrol", "requeue", job], check=True)
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            requeued = done.returncode == 0
+            if not requeued:
+                log.error(
+                    "`scontrol requeue %s` failed (%s): stopping here. Resume with ckpt_path=%s (the cluster may "
+                    "not allow requeueing: JobRequeue=0, or --no-requeue)",
+                    job, done.stderr.strip(), path,
+                )  # fmt: skip
+        if not trainer.strategy.broadcast(requeued, src=0):
+            trainer.should_stop = True
+            return
         # Slurm now stops this job and starts it again; finishing normally here would report it as done.
         deadline = time.monotonic() + self.wait_s
         while time.monotonic() < deadline:

@@ -53,9 +53,10 @@ def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
 
 
 def newest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The most recently written `.ckpt` of a run folder (`last.ckpt` unless a later one exists)."""
+    """The most recently written `.ckpt` of a run folder (`last.ckpt` unless a later one exists); a sharded
+    FSDP checkpoint is a folder named `.ckpt`."""
     folder = Path(output_dir) / "checkpoints"
-    found = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
+    found = list(folder.glob("*.ckpt")) if folder.is_dir() else []
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
 
 
@@ -83,7 +84,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
         path = Path(ckpt_path)
         if path.is_dir():
             path = newest_checkpoint(path) or newest_checkpoint(path.parent) or path / "last.ckpt"
-    if not path.is_file():
+    if not path.exists() or (path.is_dir() and not path.name.endswith(".ckpt")):
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file, a run folder, or `last` "
             "together with hydra.run.dir=<the run folder to continue> (`auto` starts fresh when there is none)."
