@@ -6,7 +6,7 @@ EXTRAS ?= dev,slurm,sweep
 STAMP := $(VENV)/.capdiff-installed
 ARGS ?=
 
-.PHONY: install train test test-slurm test-all lint format bench clean
+.PHONY: install train test test-slow test-slurm test-all lint format bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,10 @@ train: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+# The tests marked `slow` (SIGKILL-and-resume, sweeps, W&B without a network): a few minutes.
+test-slow: install
+	$(PY) -m pytest -m "slow and not gpu and not slurm" $(ARGS)
 
 # On a one-node Slurm cluster the tests start on localhost (needs .ci/install-slurm; skips otherwise).
 test-slurm: install

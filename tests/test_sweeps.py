@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -23,6 +24,7 @@ def multirun(root: Path, sweep_dir: Path, *overrides: str) -> subprocess.Complet
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # `make test-slow`, run by CI
 def test_a_grid_sweep_gives_each_point_its_own_run_folder_and_wandb_run_in_one_group(
     smoke_root: Path, tmp_path: Path
 ) -> None:
@@ -41,6 +43,7 @@ def test_a_grid_sweep_gives_each_point_its_own_run_folder_and_wandb_run_in_one_g
     assert groups == {f"smoke-{sweep.name}"} and len(ids) == 2
 
 
+@pytest.mark.slow
 def test_an_optuna_search_runs_its_trials_and_reports_the_best(smoke_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "optuna"
     done = multirun(

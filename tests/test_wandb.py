@@ -85,6 +85,7 @@ def test_without_a_key_training_logs_offline_and_a_resume_continues_the_same_run
     assert wandb.run is None  # finished: the next run in this process starts its own
 
 
+@pytest.mark.slow  # W&B's own 5 s init timeout, in a process of its own
 def test_when_wandb_cannot_be_reached_the_run_goes_on_offline(tmp_path: Path) -> None:
     # A process of its own: W&B reads its environment once per process.
     # Also not this process's W&B service (WANDB_SERVICE), which a run in an earlier test started.
