@@ -112,18 +112,27 @@ def test_when_wandb_cannot_be_reached_the_run_goes_on_offline(tmp_path: Path) ->
 def test_evaluation_results_go_to_wandb_as_tables(tmp_path: Path) -> None:
     from PIL import Image
 
-    from capdiff.loggers import finish_loggers, log_eval_tables, wandb_logger
-
     samples = tmp_path / "samples"
     samples.mkdir()
     Image.new("RGB", (8, 8), (200, 30, 30)).save(samples / "000000.png")
     (samples / "index.jsonl").write_text(
         '{"prompt": "a red circle", "seed": 7, "guidance_scale": 4.0, "file": "000000.png"}\n'
     )
-    logger = wandb_logger(save_dir=str(tmp_path / "run"), offline=True, job_type="eval")
-    log_eval_tables([logger], {"fd_probe": 12.5, "probe_attr/mean": 0.5}, samples)
-    finish_loggers([logger])
+    # As evaluate.py does it (build_loggers starts the run, then tables, then finish), in a process of its own
+    # so that no W&B state of an earlier test in this process takes part.
+    script = (
+        "from pathlib import Path\n"
+        "from capdiff.loggers import finish_loggers, log_eval_tables, wandb_logger\n"
+        f"logger = wandb_logger(save_dir={str(tmp_path / 'run')!r}, offline=True, job_type='eval')\n"
+        "logger.experiment.config.update({'eval': {'steps': 25}})\n"
+        "log_eval_tables([logger], {'fd_probe': 12.5, 'probe_attr/mean': 0.5}, "
+        f"Path({str(samples)!r}))\n"
+        "finish_loggers([logger])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     logged = summarize(path)
     assert {"eval/metrics/_type", "eval/samples_table/_type"} <= logged["history"]
-    assert logged["run"].job_type == "eval"
+    assert logged["run"].job_type == "eval" and "eval" in logged["config"]
