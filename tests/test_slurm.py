@@ -27,8 +27,9 @@ from tests.slurm_cluster import LocalSlurm
 def test_the_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path: Path, overrides, expected) -> None:
     from hydra import compose, initialize_config_dir
 
-    import capdiff.config  # noqa: F401 — registers the resolvers train.py registers
+    from capdiff.config import register_resolvers
 
+    register_resolvers()  # as train.py does before Hydra composes
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
     launcher = cfg.hydra.launcher  # its keys resolve against the whole config, as when Hydra submits

@@ -56,6 +56,3 @@ def save_resolved_config(cfg: DictConfig, folder: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
-
-
-register_resolvers()

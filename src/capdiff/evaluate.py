@@ -18,7 +18,7 @@ from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
 from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
-from capdiff.loggers import build_loggers, finish_loggers, log_eval_tables
+from capdiff.loggers import log_eval_tables, run_loggers
 from capdiff.module import JointModule
 from capdiff.train import build_datamodule
 
@@ -115,53 +115,46 @@ def evaluate(cfg: DictConfig) -> dict:
     if not datamodule.val_urls:
         raise ValueError("data.val_urls is not set: evaluation needs validation shards.")
     model, used_ema = load_checkpoint(path, ema=cfg.eval.get("ema"))
-    loggers = build_loggers(cfg)
-    try:
-        return run_evaluation(cfg, path, out_dir, settings, datamodule, model, used_ema, loggers)
-    finally:
-        finish_loggers(loggers)
-
-
-def run_evaluation(cfg, path, out_dir, settings, datamodule, model, used_ema, loggers) -> dict:
-    trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-    (losses,) = trainer.validate(model, datamodule=datamodule)
-    evaluator = build_evaluator(cfg, model, datamodule, settings)
-    model.eval()
-    trainer.test(evaluator, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in losses.items()} | evaluator.metrics
-    report = {
-        "metrics": metrics,
-        "settings": {
-            "checkpoint": str(path),
-            "ema": used_ema,
-            "num_samples": settings.num_samples,
-            "prompts": cfg.eval.get("prompts") or "validation captions",
-            "steps": settings.steps,
-            "eta": settings.eta,
-            "guidance_scales": settings.guidance_scales,
-            "seed": settings.seed,
-            "caption": settings.caption,
-            "fid_feature": cfg.eval.fid.get("feature"),
-            "fid_feature_model": cfg.eval.fid.get("name_or_path"),
-            "clip_model": cfg.eval.clip.get("name_or_path"),
-            "devices": trainer.world_size,
-            "versions": {name: importlib.metadata.version(name) for name in VERSIONS},
-        },
-    }
-    if trainer.is_global_zero:
-        (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
-        if len(settings.guidance_scales) > 1:
-            write_guidance_curve(metrics["guidance_sweep"], out_dir)
-        log.info("metrics written to %s", out_dir / "metrics.json")
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    for logger in loggers:
-        logger.log_metrics({f"eval/{k}": v for k, v in numeric.items()})
-        if hasattr(logger, "log_image"):
-            grids = sorted(str(p) for p in out_dir.glob("grid_g*.png"))
-            if grids:
-                logger.log_image(key="eval/samples", images=grids, caption=[Path(g).stem for g in grids])
-    if trainer.is_global_zero:
-        log_eval_tables(loggers, numeric, out_dir / "samples")
+    with run_loggers(cfg) as loggers:
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+        (losses,) = trainer.validate(model, datamodule=datamodule)
+        evaluator = build_evaluator(cfg, model, datamodule, settings)
+        model.eval()
+        trainer.test(evaluator, datamodule=datamodule)
+        metrics = {k: float(v) for k, v in losses.items()} | evaluator.metrics
+        report = {
+            "metrics": metrics,
+            "settings": {
+                "checkpoint": str(path),
+                "ema": used_ema,
+                "num_samples": settings.num_samples,
+                "prompts": cfg.eval.get("prompts") or "validation captions",
+                "steps": settings.steps,
+                "eta": settings.eta,
+                "guidance_scales": settings.guidance_scales,
+                "seed": settings.seed,
+                "caption": settings.caption,
+                "fid_feature": cfg.eval.fid.get("feature"),
+                "fid_feature_model": cfg.eval.fid.get("name_or_path"),
+                "clip_model": cfg.eval.clip.get("name_or_path"),
+                "devices": trainer.world_size,
+                "versions": {name: importlib.metadata.version(name) for name in VERSIONS},
+            },
+        }
+        if trainer.is_global_zero:
+            (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+            if len(settings.guidance_scales) > 1:
+                write_guidance_curve(metrics["guidance_sweep"], out_dir)
+            log.info("metrics written to %s", out_dir / "metrics.json")
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        for logger in loggers:
+            logger.log_metrics({f"eval/{k}": v for k, v in numeric.items()})
+            if hasattr(logger, "log_image"):
+                grids = sorted(str(p) for p in out_dir.glob("grid_g*.png"))
+                if grids:
+                    logger.log_image(key="eval/samples", images=grids, caption=[Path(g).stem for g in grids])
+        if trainer.is_global_zero:
+            log_eval_tables(loggers, numeric, out_dir / "samples")
     return metrics
 
 

@@ -8,6 +8,8 @@ import netrc
 import os
 import secrets
 import string
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pytorch_lightning.loggers import WandbLogger
@@ -106,16 +108,21 @@ def wandb_logger(
     return logger
 
 
-def build_loggers(cfg) -> list:
-    """The `logger` group's loggers; W&B ones get the whole resolved config."""
+@contextmanager
+def run_loggers(cfg) -> Iterator[list]:
+    """The `logger` group's loggers for one run (W&B ones get the whole resolved config), finished when the run
+    ends, on success and on error alike."""
     import hydra
     from omegaconf import OmegaConf
 
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
-    return loggers
+    try:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+        yield loggers
+    finally:
+        finish_loggers(loggers)
 
 
 def finish_loggers(loggers: list) -> None:

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def in_slurm_job() -> bool:
-    """A batch job whose tasks Slurm started (not an interactive `salloc` shell)."""
-    return SLURMEnvironment.detect() and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    """A job whose tasks Slurm started (Lightning's detection: not an interactive `bash`/`interactive` job)."""
+    return SLURMEnvironment.detect()
 
 
 def requeue_signal() -> signal.Signals:

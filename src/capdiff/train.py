@@ -16,7 +16,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
-from capdiff.loggers import build_loggers, finish_loggers
+from capdiff.loggers import run_loggers
 from capdiff.slurm import Requeue, in_slurm_job
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
@@ -177,14 +177,11 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     if in_slurm_job():  # capdiff's Requeue owns the pre-timeout signal, not Lightning's auto-requeue
         callbacks.append(Requeue())
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    loggers = build_loggers(cfg)
-    try:
+    with run_loggers(cfg) as loggers:
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
         )
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    finally:
-        finish_loggers(loggers)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
