@@ -75,7 +75,16 @@ class AutoencoderModule(pl.LightningModule):
 def train_autoencoder(
     datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl_weight: float, accelerator: str = "cpu"
 ) -> Path:
-    """Train, measure the scaling factor, save in diffusers format at `folder` (written whole, then renamed)."""
+    """Train, measure the scaling factor, save in diffusers format at `folder` (written whole, then renamed).
+
+    Seeded on its own, without touching the caller's random state: the cached first stage is the same whatever
+    ran before it in the process (a session's tests, the run's seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _train(datamodule, folder, config, max_steps, lr, kl_weight, accelerator)
+
+
+def _train(datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl_weight: float, accelerator: str):
     module = AutoencoderModule(config, lr=lr, kl_weight=kl_weight, total_steps=max_steps)
     trainer = pl.Trainer(
         accelerator=accelerator,
