@@ -15,6 +15,7 @@ RATIOS = {
     "latents": ["tiny preset: on-the-fly / cached step time (CPU)"],
     "sampling": ["capdiff/diffusers sampling images/s"],
     "step": ["step time before / now"],
+    "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
 }
 
 
