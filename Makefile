@@ -10,8 +10,6 @@ ARGS ?=
 
 install: $(STAMP)
 
-# Reinstalls only when the project's requirements change; the constraints pin every version it was
-# tested with (torch 2.13.0 among them, so a CPU machine keeps its local CPU build).
 # uv installs the pinned set in about 10 s where pip takes 1 min 43 s (fresh venv, empty caches, measured on
 # 2 cores), time the built-in default run spends training instead. uv does not read pip's configuration, so
 # pip's index and wheel-folder settings are passed on (on a CPU machine the local torch build can be such a
@@ -21,12 +19,16 @@ UV_SOURCES = $(foreach d,$(sort $(call pip_setting,find-links)),--find-links $(d
 	$(foreach u,$(call pip_setting,extra-index-url),--extra-index-url $(u)) \
 	$(foreach u,$(firstword $(call pip_setting,index-url)),--index-url $(u))
 
+# Reinstalls only when the project's requirements change; the constraints pin every version it was
+# tested with (torch 2.13.0 among them, so a CPU machine keeps its local CPU build).
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "capdiff needs Python >= 3.11: run make PYTHON=python3.11 ...")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt uv
-	$(VENV)/bin/uv pip install --python $(PY) --quiet --index-strategy unsafe-best-match $(UV_SOURCES) -c constraints.txt -e ".[$(EXTRAS)]" \
-		|| $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	{ $(PY) -m pip install --quiet -c constraints.txt uv && \
+	  $(VENV)/bin/uv pip install --python $(PY) --quiet --index-strategy unsafe-best-match $(UV_SOURCES) \
+	    -c constraints.txt -e ".[$(EXTRAS)]"; } \
+	|| { echo "uv could not install capdiff (above); installing with pip"; \
+	     $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"; }
 	touch $(STAMP)
 
 train: install
