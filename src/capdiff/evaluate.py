@@ -147,12 +147,11 @@ def evaluate(cfg: DictConfig) -> dict:
                 write_guidance_curve(metrics["guidance_sweep"], out_dir)
             log.info("metrics written to %s", out_dir / "metrics.json")
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        grids = sorted(str(p) for p in out_dir.glob("grid_g*.png"))
         for logger in loggers:
             logger.log_metrics({f"eval/{k}": v for k, v in numeric.items()})
-            if hasattr(logger, "log_image"):
-                grids = sorted(str(p) for p in out_dir.glob("grid_g*.png"))
-                if grids:
-                    logger.log_image(key="eval/samples", images=grids, caption=[Path(g).stem for g in grids])
+            if grids and hasattr(logger, "log_image"):
+                logger.log_image(key="eval/samples", images=grids, caption=[Path(g).stem for g in grids])
         if trainer.is_global_zero:
             log_eval_tables(loggers, numeric, out_dir / "samples")
     return metrics

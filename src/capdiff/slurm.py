@@ -19,14 +19,8 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 log = logging.getLogger(__name__)
-
-
-def in_slurm_job() -> bool:
-    """A job whose tasks Slurm started (Lightning's detection: not an interactive `bash`/`interactive` job)."""
-    return SLURMEnvironment.detect()
 
 
 def requeue_signal() -> signal.Signals:
@@ -80,7 +74,5 @@ class Requeue(pl.Callback):
             trainer.should_stop = True
             return
         # Slurm now stops this job and starts it again; finishing normally here would report it as done.
-        deadline = time.monotonic() + self.wait_s
-        while time.monotonic() < deadline:
-            time.sleep(1)
+        time.sleep(self.wait_s)  # resumed after the signal handler runs (PEP 475), so one call waits it out
         raise RuntimeError(f"the job was requeued but Slurm did not stop it within {self.wait_s} s")

@@ -17,7 +17,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
-from capdiff.slurm import Requeue, in_slurm_job
+from capdiff.slurm import Requeue
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks += extra_callbacks or []
     plugins = []
-    if in_slurm_job():  # capdiff's Requeue owns the pre-timeout signal, not Lightning's auto-requeue
+    # A job whose tasks Slurm started (not an interactive allocation): capdiff's Requeue owns the pre-timeout
+    # signal, not Lightning's auto-requeue.
+    if SLURMEnvironment.detect():
         callbacks.append(Requeue())
         plugins.append(SLURMEnvironment(auto_requeue=False))
     with run_loggers(cfg) as loggers:
