@@ -10,6 +10,7 @@ mariadb-client-core` (`.ci/install-slurm`). Accounting is part of it because sub
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -212,7 +213,15 @@ class LocalSlurm:
 
     # ------------------------------------------------------------------- stop
     def stop(self) -> None:
-        """Stop the daemons this object started (by PID, newest first)."""
+        """Cancel what is left in the queue and let the node finish it, stop the daemons this object started (by
+        PID, newest first), then end any job-step process left behind: a slurmstepd whose slurmd stopped
+        before it could report its step done stays asleep forever (found by this cluster's SLURM_CONF)."""
+        controller = self.processes.get("slurmctld")
+        if controller is not None and controller.poll() is None:
+            self.run("scancel", "--partition=debug")
+            deadline = time.monotonic() + 60
+            while self.run("squeue", "-h").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
         for name in reversed(list(self.processes)):
             process = self.processes.pop(name)
             if process.poll() is None:
@@ -222,6 +231,23 @@ class LocalSlurm:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+        for pid in self._job_processes():
+            with contextlib.suppress(ProcessLookupError):  # it may have ended by itself meanwhile
+                os.kill(pid, signal.SIGKILL)
+
+    def _job_processes(self) -> list[int]:
+        """Processes started by this cluster's daemons (their environment names its SLURM_CONF)."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+        return found
 
 
 if __name__ == "__main__":
