@@ -60,8 +60,15 @@ def launch(slurm: LocalSlurm, root: Path, sweep: Path, *overrides: str) -> subpr
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def job_folders(sweep: Path) -> list[Path]:
+    """submitit's per-job folders (named by the job id). Before they exist, `.submitit/` already holds the
+    pickled job and the submission script under temporary names, so a non-empty folder is not yet a job."""
+    submitit = sweep / ".submitit"
+    return [p for p in submitit.iterdir() if p.is_dir()] if submitit.is_dir() else []
+
+
 def job_log(sweep: Path) -> Path:
-    (folder,) = [p for p in (sweep / ".submitit").iterdir() if p.is_dir()]
+    (folder,) = job_folders(sweep)
     return folder / f"{folder.name}_0_log.out"
 
 
@@ -89,7 +96,7 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     sweep = tmp_path / "sweep"
     process = launch(slurm, smoke_root, sweep, "trainer.max_epochs=30", "callbacks.sample_grid=null")
     started = time.monotonic()
-    while not ((sweep / ".submitit").is_dir() and any((sweep / ".submitit").iterdir())):
+    while not job_folders(sweep):
         assert process.poll() is None and time.monotonic() - started < 120, "the job was not submitted"
         time.sleep(0.5)
     log = job_log(sweep)
