@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from capdiff.module import JointModule
 from capdiff.train import build_datamodule, build_model
+from tests.helpers import REPO
 
 
 def build(cfg) -> tuple[JointModule, dict]:
@@ -71,7 +73,9 @@ def test_without_diffusion_grad_the_diffusion_loss_trains_the_connector_but_not_
     assert all(p.grad is not None for p in model.conditioner.connector.parameters())
     assert trainable(model, "llm.")  # the captioner and contrastive losses still train it
 
-    model, _ = build(smoke_cfg("experiment=diffusion_only"))
+    # experiment=diffusion_only laid over the smoke sizes (composing it alone would build the default's data)
+    diffusion_only = OmegaConf.load(REPO / "conf" / "experiment" / "diffusion_only.yaml")
+    model, _ = build(OmegaConf.merge(smoke_cfg(), diffusion_only))
     assert not trainable(model, "llm.")  # nothing trains it: no optimizer state, no DDP sync
     assert "llm" not in model.param_groups()
 
