@@ -109,3 +109,12 @@ def test_the_command_line_entry_point_runs(image_folder: Path, tmp_path: Path) -
         check=True,
     )
     assert "1 shards, 7 samples, 0 bad" in shown.stdout
+
+
+def test_the_shard_tool_starts_without_lightning_and_the_package_names_still_resolve() -> None:
+    import capdiff.data
+
+    assert all(getattr(capdiff.data, name).__name__ == name for name in capdiff.data.__all__)
+    check = "import sys, capdiff.data.shards; assert 'pytorch_lightning' not in sys.modules, 'Lightning was imported'"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
