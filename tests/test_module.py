@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from capdiff.module import JointModule
+from capdiff.module import JointModule, warmup_cosine
 from capdiff.train import build_datamodule, build_model
 from tests.helpers import REPO
 
@@ -110,3 +110,16 @@ def test_a_few_steps_on_one_batch_lower_every_term(smoke_cfg) -> None:
     limits = {"caption_loss": 0.8, "contrastive_loss": 0.8, "diffusion_loss": 0.9}
     for term, limit in limits.items():
         assert last[term] < limit * first[term], (term, first[term], last[term])
+
+
+def test_the_schedule_reads_a_lazy_length_once_and_only_when_the_decay_starts() -> None:
+    calls = []
+
+    def length() -> int:
+        calls.append(1)
+        return 50
+
+    lazy, fixed = warmup_cosine(10, length, 0.1), warmup_cosine(10, 50, 0.1)
+    assert [lazy(step) for step in range(11)] == [fixed(step) for step in range(11)] and not calls
+    assert [lazy(step) for step in range(11, 60)] == [fixed(step) for step in range(11, 60)] and len(calls) == 1
+    assert fixed(50) == pytest.approx(0.1) and fixed(10) == 1.0

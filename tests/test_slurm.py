@@ -116,6 +116,6 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     assert states[0] == "REQUEUED"
     assert f"Restored all states from the checkpoint at {saved}" in log.read_text()
     final = torch.load(sweep / "0" / "checkpoints" / "last.ckpt", weights_only=True)
-    # It went on from that step and finished all 30 epochs; how many steps the resumed epoch gives depends on
-    # where in it the signal came (a resumed epoch restarts its data stream), so the total is not fixed at 120.
-    assert final["epoch"] == 29 and final["global_step"] > step
+    # It went on from that step (mid-epoch: the resumed epoch trains only the batches it had left) and
+    # finished all 30 epochs of 4 steps.
+    assert final["epoch"] == 29 and final["global_step"] == 120

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
@@ -49,6 +51,41 @@ def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(smoke_c
         torch.testing.assert_close(restored[index]["exp_avg"], state["exp_avg"])
         assert restored[index]["step"] == state["step"]
     assert torch.load(last, weights_only=True)["global_step"] == 8
+
+
+class Keys(pl.Callback):
+    """The sample keys of every trained batch, by global step; saves a checkpoint after the steps in `save`."""
+
+    def __init__(self, save: dict[int, Path] | None = None) -> None:
+        self.by_step: dict[int, list[str]] = {}
+        self.save = save or {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch: dict, batch_idx: int) -> None:
+        self.by_step[trainer.global_step] = sorted(batch["keys"])
+        if trainer.global_step in self.save:
+            trainer.save_checkpoint(self.save[trainer.global_step])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_trains_exactly_the_batches_the_whole_run_had_left(smoke_cfg, tmp_path: Path, workers) -> None:
+    common = ["trainer.max_epochs=2", f"data.num_workers={workers}", "callbacks.sample_grid=null"]
+    # 4 batches an epoch: after the 1st batch of epoch 1 (step 5), after the last of epoch 0 (step 4, at the
+    # batch's end), and the epoch-end checkpoint that ModelCheckpoint writes after validation
+    whole = Keys(save={5: tmp_path / "mid.ckpt", 4: tmp_path / "batch_end.ckpt"})
+    train(smoke_cfg(*common, "callbacks.model_checkpoint.save_top_k=-1"), extra_callbacks=[whole])
+    assert sorted(whole.by_step) == list(range(1, 9))
+    epoch_end = shutil.copy(tmp_path / "run" / "checkpoints" / "epoch000-step000004.ckpt", tmp_path / "epoch_end.ckpt")
+
+    for checkpoint, first in ((tmp_path / "mid.ckpt", 6), (tmp_path / "batch_end.ckpt", 5), (Path(epoch_end), 5)):
+        resumed = Keys()
+        train(smoke_cfg(*common, f"ckpt_path={checkpoint}"), extra_callbacks=[resumed])
+        steps = list(range(first, 9))
+        assert sorted(resumed.by_step) == steps, checkpoint.name
+        got, left = [resumed.by_step[s] for s in steps], [whole.by_step[s] for s in steps]
+        if workers == 0 or first == 5:
+            assert got == left, checkpoint.name  # the same batches in the same order
+        else:  # the same batches; the loader starts a resumed epoch at worker 0, so they come in another order
+            assert sorted(got) == sorted(left), checkpoint.name
 
 
 def test_load_from_checkpoint_under_weights_only(smoke_cfg, tmp_path: Path) -> None:

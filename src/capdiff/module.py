@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,10 @@ class JointModule(pl.LightningModule):
         fused = optim.get("fused")
         fused = self.device.type in ("cuda", "cpu") if fused in (None, "auto") else bool(fused)
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim["betas"]), fused=fused)
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+
+        def total() -> int:
+            return max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
+
         schedule = warmup_cosine(int(optim["warmup_steps"]), total, float(optim["min_lr_ratio"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -352,13 +356,23 @@ class JointModule(pl.LightningModule):
         return self._condition(prompts, embed=False)
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up to the base LR, then a cosine decay to `min_ratio` of it at the last step."""
+def warmup_cosine(warmup: int, total: int | Callable[[], int], min_ratio: float):
+    """Linear warm-up to the base LR, then a cosine decay to `min_ratio` of it at the last step.
+
+    `total` may be a function, called once, when the decay starts: a Lightning run's length
+    (`trainer.estimated_stepping_batches`) must not be read in `configure_optimizers`, where it would build the
+    train loader before a resumed run's checkpoint is restored, so that loader would start at epoch 0.
+    """
+    known: list[int] = []
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if step == warmup:
+            return 1.0  # the top of the cosine, whatever the length
+        if not known:
+            known.append(total() if callable(total) else total)
+        progress = min(1.0, (step - warmup) / max(1, known[0] - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor

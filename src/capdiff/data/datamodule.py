@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from capdiff.data.cache_latents import cached_urls
 from capdiff.data.decode import CaptionKey, SkipCounter
-from capdiff.data.pipeline import DecodeSpec, SharedEpoch, TrainStream, ValStream
+from capdiff.data.pipeline import DecodeSpec, SharedInt, TrainStream, ValStream
 from capdiff.data.transforms import as_unit
 from capdiff.data.urls import check_local_shards, count_samples, expand_urls, local_path
 
@@ -22,22 +22,53 @@ log = logging.getLogger(__name__)
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its stream which epoch starts each time it is iterated.
+    """A DataLoader that tells its stream which epoch starts each time it is iterated, and resumes mid-epoch.
 
     `epoch_fn` gives the trainer's epoch (so a resumed run replays the same order); without it the
-    loader counts its own iterations.
+    loader counts its own iterations. `trained_fn` gives how many batches of the current epoch have been
+    trained: Lightning saves `state_dict()` in every checkpoint and hands it to `load_state_dict()` on resume,
+    and the next iteration of that epoch then yields only the batches the interrupted run had left.
     """
 
-    def __init__(self, dataset: TrainStream, epoch_fn: Callable[[], int | None] | None = None, **kwargs):
+    def __init__(
+        self,
+        dataset: TrainStream,
+        epoch_fn: Callable[[], int | None] | None = None,
+        trained_fn: Callable[[], int] | None = None,
+        **kwargs,
+    ):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
+        self._trained_fn = trained_fn
         self._iterations = 0
+        self._resume: dict | None = None
 
     def __iter__(self):
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
-        self.dataset.epoch.set(self._iterations if epoch is None else epoch)
+        epoch = self._iterations if epoch is None else epoch
         self._iterations += 1
+        resume_at = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            trained = self._resume["trained_batches"]
+            if trained >= len(self.dataset):
+                # saved after the epoch's last batch, before the trainer moved on: Lightning goes on with the
+                # next epoch on this iterator
+                epoch += 1
+            elif trained > 0:
+                resume_at = trained
+                log.info("Resuming epoch %d after its %d trained batches (they are read again, not trained).",
+                         epoch, trained)  # fmt: skip
+        self._resume = None
+        self.dataset.epoch.set(epoch)
+        self.dataset.resume_at.set(resume_at)
         return super().__iter__()
+
+    def state_dict(self) -> dict[str, int]:
+        trained = self._trained_fn() if self._trained_fn is not None else 0
+        return {"epoch": self.dataset.epoch.get(), "trained_batches": trained}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict)
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -100,7 +131,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.latents_dir = latents_dir  # read by capdiff.stages.prepare_latents
         self.reading_latents = False  # set once the shards with latents are in place (use_cached_shards)
         self.skip_counter = SkipCounter()
-        self.epoch = SharedEpoch()
+        self.epoch = SharedInt()
+        self.resume_at = SharedInt()
         self._shards_checked = False
         self.train_stream: TrainStream | None = None
         self.val_stream: ValStream | None = None
@@ -138,6 +170,7 @@ class ImageTextDataModule(pl.LightningDataModule):
             epoch=self.epoch,
             skip_counter=self.skip_counter,
             log_every_s=self.skip_log_every_s,
+            resume_at=self.resume_at,
         )
         val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, False, self.reading_latents)
         self.val_stream = ValStream(
@@ -221,7 +254,9 @@ class ImageTextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         if self.train_stream is None:
             self.setup("fit")
-        return EpochLoader(self.train_stream, epoch_fn=self._trainer_epoch, **self._loader_kwargs())
+        return EpochLoader(
+            self.train_stream, epoch_fn=self._trainer_epoch, trained_fn=self._trained_batches, **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_stream is None:
@@ -243,7 +278,13 @@ class ImageTextDataModule(pl.LightningDataModule):
         return batch | {"pixels": as_unit(batch["pixels"])}
 
     def _trainer_epoch(self) -> int | None:
-        return None if self.trainer is None else self.trainer.current_epoch
+        """The epoch the trainer is about to train. Not `trainer.current_epoch`: on a resume from an epoch-end
+        checkpoint that still names the finished epoch when Lightning builds the loader's iterator."""
+        return None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch whose training step has run (what a checkpoint saved now has seen)."""
+        return 0 if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     @property
     def skipped(self) -> Counter:

@@ -92,14 +92,14 @@ def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(tensors, out=out)
 
 
-class SharedEpoch:
-    """An epoch number the main process sets and dataloader workers read, persistent workers included."""
+class SharedInt:
+    """A number the main process sets and dataloader workers read, persistent workers included."""
 
-    def __init__(self, epoch: int = 0) -> None:
-        self._value = mp.Value("i", epoch)
+    def __init__(self, value: int = 0) -> None:
+        self._value = mp.Value("i", value)
 
-    def set(self, epoch: int) -> None:
-        self._value.value = epoch
+    def set(self, value: int) -> None:
+        self._value.value = value
 
     def get(self) -> int:
         return self._value.value
@@ -164,6 +164,10 @@ class TrainStream(_Stream):
     Shards are dealt to the `world_size × num_workers` (rank, worker) slots in turn, and each slot draws from
     its own share with replacement. Every rank therefore yields exactly `len(self)` equal batches per
     epoch, whatever the shard sizes (an unequal count would hang the contrastive all-gather under DDP).
+
+    An epoch's order depends only on (seed, rank, worker, epoch). `resume_at` > 0 (batches of this epoch
+    already trained, set on a mid-epoch resume) replays the epoch's first batches without yielding them.
+    The loader takes batches from its workers in turn, so batch `b` came from worker `b % num_workers`.
     """
 
     def __init__(
@@ -177,9 +181,10 @@ class TrainStream(_Stream):
         world_size: int,
         seed: int,
         shuffle_buffer: int,
-        epoch: SharedEpoch,
+        epoch: SharedInt,
         skip_counter: SkipCounter,
         log_every_s: float = 30.0,
+        resume_at: SharedInt | None = None,
     ) -> None:
         super().__init__(urls, spec, batch_size, rank, world_size, skip_counter, log_every_s)
         self.batches_per_worker = batches_per_worker
@@ -187,6 +192,7 @@ class TrainStream(_Stream):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.epoch = epoch
+        self.resume_at = resume_at if resume_at is not None else SharedInt(0)
 
     def __len__(self) -> int:
         return self.batches_per_worker * self.num_workers
@@ -207,8 +213,12 @@ class TrainStream(_Stream):
             self._read(self._resample(shards, rng, skips), skips)
         )
         batches = self._batch(self._decode(raw, skips, rng), partial=False)
-        for _ in range(self.batches_per_worker):
-            yield next(batches)
+        # Batches already trained are still read and decoded (the same random draws keep the rest in step).
+        trained = len(range(worker, self.resume_at.get(), num_workers))
+        for index in range(self.batches_per_worker):
+            batch = next(batches)
+            if index >= trained:
+                yield batch
 
     def _resample(self, shards: list[str], rng: random.Random, skips: SkipLog) -> Iterator[dict]:
         # An endless stream of shards that never yields a usable sample would spin forever: stop instead.
