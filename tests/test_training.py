@@ -68,21 +68,25 @@ class Keys(pl.Callback):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_run_trains_exactly_the_batches_the_whole_run_had_left(smoke_cfg, tmp_path: Path, workers) -> None:
-    common = ["trainer.max_epochs=2", f"data.num_workers={workers}", "callbacks.sample_grid=null"]
-    # 4 batches an epoch: after the 1st batch of epoch 1 (step 5), after the last of epoch 0 (step 4, at the
-    # batch's end), and the epoch-end checkpoint that ModelCheckpoint writes after validation
+    common = ["trainer.max_epochs=3", f"data.num_workers={workers}", "callbacks.sample_grid=null"]
+    # 4 batches an epoch. Checkpoints: after the 1st batch of epoch 1 (step 5), after the last of epoch 0
+    # (step 4, at the batch's end), and the epoch-end one that ModelCheckpoint writes
     whole = Keys(save={5: tmp_path / "mid.ckpt", 4: tmp_path / "batch_end.ckpt"})
     train(smoke_cfg(*common, "callbacks.model_checkpoint.save_top_k=-1"), extra_callbacks=[whole])
-    assert sorted(whole.by_step) == list(range(1, 9))
-    epoch_end = shutil.copy(tmp_path / "run" / "checkpoints" / "epoch000-step000004.ckpt", tmp_path / "epoch_end.ckpt")
+    assert sorted(whole.by_step) == list(range(1, 13))
+    epoch_end = Path(shutil.copy(tmp_path / "run" / "checkpoints" / "epoch000-step000004.ckpt", tmp_path / "e.ckpt"))
 
-    for checkpoint, first in ((tmp_path / "mid.ckpt", 6), (tmp_path / "batch_end.ckpt", 5), (Path(epoch_end), 5)):
-        resumed = Keys()
+    # and two written by the run resumed from batch_end.ckpt (Lightning leaves that run's epoch counters one
+    # behind): in the middle of epoch 1 (step 6) and after its last batch (step 8)
+    again, again_end = tmp_path / "again.ckpt", tmp_path / "again_end.ckpt"
+    cases = [(tmp_path / "mid.ckpt", 6), (tmp_path / "batch_end.ckpt", 5), (epoch_end, 5), (again, 7), (again_end, 9)]
+    for checkpoint, first in cases:
+        resumed = Keys(save={6: again, 8: again_end} if checkpoint.name == "batch_end.ckpt" else None)
         train(smoke_cfg(*common, f"ckpt_path={checkpoint}"), extra_callbacks=[resumed])
-        steps = list(range(first, 9))
+        steps = list(range(first, 13))
         assert sorted(resumed.by_step) == steps, checkpoint.name
         got, left = [resumed.by_step[s] for s in steps], [whole.by_step[s] for s in steps]
-        if workers == 0 or first == 5:
+        if workers == 0 or (first - 1) % 4 % workers == 0:  # resumed after a whole round of workers
             assert got == left, checkpoint.name  # the same batches in the same order
         else:  # the same batches; the loader starts a resumed epoch at worker 0, so they come in another order
             assert sorted(got) == sorted(left), checkpoint.name

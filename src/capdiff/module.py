@@ -279,6 +279,10 @@ class JointModule(pl.LightningModule):
         for name, value in out.items():
             self.log(f"val/{name}", value, on_epoch=True, sync_dist=True, prog_bar=name == "loss", batch_size=size)
 
+    # ------------------------------------------------------------------ resume
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        repair_epoch_progress(checkpoint)
+
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         base = {"lr": 3e-4, "weight_decay": 0.01, "betas": (0.9, 0.999), "warmup_steps": 100, "min_lr_ratio": 0.1}
@@ -354,6 +358,29 @@ class JointModule(pl.LightningModule):
     def condition(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The UNet's text condition for `prompts`: `cond` (B×L×D) and `cond_mask`."""
         return self._condition(prompts, embed=False)
+
+
+def repair_epoch_progress(checkpoint: dict[str, Any]) -> None:
+    """Puts back the epoch counters of a checkpoint written by a run that was itself resumed from a checkpoint
+    of an epoch's last batch (Lightning 2.6 then skips `ready`/`started` for the next epoch, so they lag one
+    behind). Lightning reads such a checkpoint as an epoch boundary and trains its epoch again from the start:
+    a run killed and resumed a few times ended 4 steps (one epoch) past its plan. Runs before module hooks
+    restore the loops (`_restore_modules_and_callbacks`); a consistent checkpoint is left as it is.
+    """
+    loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = loop.get("epoch_progress"), loop.get("epoch_loop.batch_progress")
+    if not epochs or not batches:
+        return
+    done = batches["current"]
+    # saved inside an epoch: after a batch (or a validation in mid-epoch), not after the run's last epoch
+    finished = done["completed"] == done["ready"] and batches.get("is_last_batch")
+    current = epochs["current"]
+    inside_epoch = done["ready"] > 0 and not finished and current["processed"] == current["completed"]
+    for counts in (epochs["current"], epochs["total"]):
+        # inside an epoch: ready = started = processed + 1; after it (saved at its end): = processed
+        expected = counts["processed"] + (1 if inside_epoch else 0)
+        if counts["ready"] == counts["started"] == expected - 1:
+            counts["ready"] = counts["started"] = expected
 
 
 def warmup_cosine(warmup: int, total: int | Callable[[], int], min_ratio: float):

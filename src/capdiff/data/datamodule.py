@@ -25,23 +25,21 @@ class EpochLoader(DataLoader):
     """A DataLoader that tells its stream which epoch starts each time it is iterated, and resumes mid-epoch.
 
     `epoch_fn` gives the trainer's epoch (so a resumed run replays the same order); without it the
-    loader counts its own iterations. `trained_fn` gives how many batches of the current epoch have been
-    trained: Lightning saves `state_dict()` in every checkpoint and hands it to `load_state_dict()` on resume,
-    and the next iteration of that epoch then yields only the batches the interrupted run had left.
+    loader counts its own iterations. `resume` (`{"epoch", "trained_batches"}`, from a checkpoint) makes the
+    first iteration of that epoch yield only the batches the interrupted run had left.
     """
 
     def __init__(
         self,
         dataset: TrainStream,
         epoch_fn: Callable[[], int | None] | None = None,
-        trained_fn: Callable[[], int] | None = None,
+        resume: dict[str, int] | None = None,
         **kwargs,
     ):
         super().__init__(dataset, batch_size=None, **kwargs)
         self._epoch_fn = epoch_fn
-        self._trained_fn = trained_fn
         self._iterations = 0
-        self._resume: dict | None = None
+        self._resume = resume
 
     def __iter__(self):
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
@@ -62,13 +60,6 @@ class EpochLoader(DataLoader):
         self.dataset.epoch.set(epoch)
         self.dataset.resume_at.set(resume_at)
         return super().__iter__()
-
-    def state_dict(self) -> dict[str, int]:
-        trained = self._trained_fn() if self._trained_fn is not None else 0
-        return {"epoch": self.dataset.epoch.get(), "trained_batches": trained}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict)
 
 
 class ImageTextDataModule(pl.LightningDataModule):
@@ -133,6 +124,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.skip_counter = SkipCounter()
         self.epoch = SharedInt()
         self.resume_at = SharedInt()
+        self._resume: dict[str, int] | None = None  # the train stream's position, from a checkpoint
         self._shards_checked = False
         self.train_stream: TrainStream | None = None
         self.val_stream: ValStream | None = None
@@ -254,9 +246,8 @@ class ImageTextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         if self.train_stream is None:
             self.setup("fit")
-        return EpochLoader(
-            self.train_stream, epoch_fn=self._trainer_epoch, trained_fn=self._trained_batches, **self._loader_kwargs()
-        )
+        resume, self._resume = self._resume, None
+        return EpochLoader(self.train_stream, epoch_fn=self._trainer_epoch, resume=resume, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_stream is None:
@@ -282,9 +273,18 @@ class ImageTextDataModule(pl.LightningDataModule):
         checkpoint that still names the finished epoch when Lightning builds the loader's iterator."""
         return None if self.trainer is None else self.trainer.fit_loop.epoch_progress.current.processed
 
-    def _trained_batches(self) -> int:
-        """Batches of the current epoch whose training step has run (what a checkpoint saved now has seen)."""
-        return 0 if self.trainer is None else self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    # The train stream's position lives in the datamodule's state, which Lightning saves in every checkpoint
+    # and restores on every resume. (A loader's own `state_dict` is restored only when Lightning's progress
+    # counters say the run is restarting, and after a resume from an epoch's last batch they say it is not:
+    # the next mid-epoch checkpoint then resumed by replaying its whole epoch.)
+    def state_dict(self) -> dict:
+        if self.trainer is None or self.train_stream is None:
+            return {}
+        trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_stream": {"epoch": self.epoch.get(), "trained_batches": trained}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict.get("train_stream")
 
     @property
     def skipped(self) -> Counter:
