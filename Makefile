@@ -6,7 +6,7 @@ EXTRAS ?= dev,slurm,sweep
 STAMP := $(VENV)/.capdiff-installed
 ARGS ?=
 
-.PHONY: install train test test-slow test-slurm test-all lint format bench clean
+.PHONY: install train test test-slow test-slurm test-all lint format bench bench-fullsize clean
 
 install: $(STAMP)
 
@@ -50,7 +50,12 @@ test-all: install
 
 # Every benchmark in turn (docs/benchmarks.md); each prints a table and its RATIO lines.
 bench: install
-	for b in overhead step data_pipeline latents sampling gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
+	for b in overhead step data_pipeline latents sampling ema gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
+
+# experiment=joint_ddim at the published sizes through an offline hub (docs/benchmarks.md): ~20 GB of memory,
+# ~25 GB of disk under data/fullsize (the hub is kept for the next run; checkpoints and export are not).
+bench-fullsize: install
+	$(PY) bench/fullsize.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -35,7 +35,7 @@ def build(folder: Path, image_size: int, checkpointing: bool, channels_last: boo
         cfg.model.vision.name_or_path = None
         cfg.model.vision.config = CLIP_VIT_B16 | {"image_size": image_size}
         cfg.model.vae.name_or_path = str(folder / "vae")
-        cfg.model.unet.config.sample_size = image_size // 8
+        cfg.model.unet.name_or_path = None  # the SD-1.5 UNet's shape from the preset's config, random weights
         cfg.model.unet.gradient_checkpointing = checkpointing
         cfg.model.speed = {"channels_last": channels_last, "compile": {"unet": compile_unet}}
     model = instantiate(cfg.model)
@@ -61,7 +61,7 @@ def time_steps(step, steps: int, warmup: int) -> float:
 
 def measure(model, batch: dict, device: str, dtype, steps: int, warmup: int, unet_only: bool = False) -> tuple:
     model.to(device).train()
-    model.on_fit_start()  # applies model.speed.channels_last, as the Trainer would
+    model.use_channels_last(device)  # model.speed.channels_last, as the Trainer's setup applies it
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device != "mps")
     cond = torch.randn(batch["pixels"].shape[0], 40, model.diffusion.unet.config.cross_attention_dim, device=device)

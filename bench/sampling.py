@@ -27,10 +27,11 @@ def main() -> None:
     steps, rounds = (3, 1) if args.quick else (args.steps, args.rounds)
     model = compose([], args.data_dir).model
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**model.unet.config).eval()
-    diffusion = LatentDiffusion(unet, vae=torch.nn.Identity(), **model.diffusion)
+    size = 16  # the tiny preset's latent side at data.image_size=32 (a ÷2 first stage)
+    unet = UNet2DConditionModel(**model.unet.config, sample_size=size).eval()
+    diffusion = LatentDiffusion(unet, vae=torch.nn.Identity(), latent_size=size, **model.diffusion)
     scheduler = diffusion.sampling_scheduler()
-    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    width = unet.config.cross_attention_dim
     cond, uncond = torch.randn(args.batch, 20, width), torch.randn(args.batch, 20, width)
     noise = torch.stack(
         [torch.randn(4, size, size, generator=torch.Generator().manual_seed(i)) for i in range(args.batch)]

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import good_members, write_tar
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The session's Hugging Face cache, set before any Hugging Face library is imported (they read it once): empty
+# until a test asks for `reduced_hub`, which writes the offline hub of capdiff.testing.hub there.
+HUB = Path(tempfile.mkdtemp(prefix="capdiff-hub-"))
+os.environ["HF_HUB_CACHE"] = str(HUB)
+os.environ.pop("HF_HOME", None)
+
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
+
+from tests.helpers import good_members, write_tar  # noqa: E402  (after the environment it must not precede)
 
 
 @pytest.fixture
@@ -29,6 +37,21 @@ def uneven_shards(shard_dir: Path) -> list[str]:
         paths.append(str(write_tar(shard_dir / f"train-{n:03d}.tar", good_members("s", size, start))))
         start += size
     return paths
+
+
+@pytest.fixture(scope="session")
+def reduced_hub() -> Path:
+    """gpt2, openai/clip-vit-base-patch16, stabilityai/sd-vae-ft-mse and SD-1.5, reduced in width, resolvable
+    by their hub ids (HF_HUB_OFFLINE=1) for the whole session."""
+    from capdiff.testing.hub import write_hub
+
+    if not (HUB / "models--gpt2").is_dir():
+        write_hub(HUB, "reduced")
+    return HUB
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(HUB, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

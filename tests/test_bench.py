@@ -16,6 +16,11 @@ RATIOS = {
     "sampling": ["capdiff/diffusers sampling images/s"],
     "step": ["step time before / now"],
     "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
+    "ema": ["capdiff / fastest diffusers update time", "capdiff / diffusers-foreach memory added per update"],
+    "fullsize": [
+        "train peak RSS / (weights + grads + AdamW + EMA)",
+        "resume peak RSS / (weights + grads + AdamW + EMA)",
+    ],
 }
 
 

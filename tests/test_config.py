@@ -103,7 +103,8 @@ def test_joint_ddim_is_the_pretrained_recipe(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["experiment=joint_ddim"])
     assert cfg.model.llm.name_or_path == "gpt2"
     assert cfg.model.vae.name_or_path == "stabilityai/sd-vae-ft-mse"
-    assert cfg.data.image_size // 8 == cfg.model.unet.config.sample_size
+    assert cfg.model.unet.name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.data.image_size == 256
     assert cfg.trainer.accelerator == "gpu"
 
 

@@ -16,6 +16,7 @@ from capdiff.data.cache_latents import MANIFEST, cache_latents, check_cache, mai
 from capdiff.data.decode import BadSample, CaptionKey
 from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
 from capdiff.data.transforms import as_unit
+from capdiff.stages import prepare_latents
 from capdiff.train import build_datamodule, build_model
 from tests.helpers import good_members, write_tar
 
@@ -113,7 +114,8 @@ def test_training_from_cached_latents_gives_the_same_loss_as_encoding_on_the_fly
     model = build_model(smoke_cfg(), plain_data)
     cached_cfg = smoke_cfg("data.latents=true")
     cached_data = build_datamodule(cached_cfg)
-    build_model(cached_cfg, cached_data)  # caches the shards with the run's VAE and points the data at them
+    cache = prepare_latents(cached_cfg, cached_data, build_model(cached_cfg, cached_data).diffusion.vae)
+    cache.encode(cached_data, model.diffusion.vae, rank=0, world_size=1, device="cpu")  # what fit's set-up does
     assert cached_data.reading_latents and "latents" in cached_data.train_urls[0]
 
     plain = next(iter(plain_data.val_dataloader()))

@@ -78,4 +78,9 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100() -> None:
     assert scale().item() == pytest.approx(1 / 0.07)
     with torch.no_grad():
         scale.log_scale.fill_(10.0)
+    scale.clamp_()  # after each optimizer step, as a parameter
     assert scale().item() == pytest.approx(100.0)
+    with torch.no_grad():
+        scale.log_scale.fill_(-1.0)
+    scale.clamp_()
+    assert scale().item() == pytest.approx(1.0)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from capdiff.models.contrastive import LogitScale
 from capdiff.module import JointModule, warmup_cosine
-from capdiff.train import build_datamodule, build_model
+from capdiff.train import build_datamodule, build_model, check_config, train
 from tests.helpers import REPO
 
 
@@ -84,14 +88,21 @@ def test_without_diffusion_grad_the_diffusion_loss_trains_the_connector_but_not_
     ("override", "message"),
     [
         ("model.unet.config.in_channels=3", r"model.unet.config.in_channels=3 but the VAE .* 4-channel latents"),
-        ("model.unet.config.sample_size=8", r"data.image_size=32 gives 16×16 latents .*config.sample_size=16"),
+        ("+model.unet.config.sample_size=8", None),  # a from-scratch UNet follows the image size
         ("model.conditioner.out_dim=64", r"model.conditioner.out_dim=64 but model.unet.config.cross_attention_dim=32"),
         ("model.conditioner.in_dim=48", r"model.conditioner.in_dim=48 but the LLM \(model.llm\) has hidden size 32"),
     ],
 )
 def test_dimension_mismatches_fail_at_construction_naming_both_keys(smoke_cfg, override: str, message: str) -> None:
+    cfg = smoke_cfg(override)
+    if message is None:
+        model, _ = build(cfg)
+        assert model.diffusion.unet.config.sample_size == model.diffusion.latent_size == 16
+        return
     with pytest.raises(ValueError, match=message):
-        build(smoke_cfg(override))
+        check_config(cfg)  # before any work
+    with pytest.raises(ValueError, match=message):
+        build(cfg)
 
 
 def test_a_few_steps_on_one_batch_lower_every_term(smoke_cfg) -> None:
@@ -123,3 +134,121 @@ def test_the_schedule_reads_a_lazy_length_once_and_only_when_the_decay_starts() 
     assert [lazy(step) for step in range(11)] == [fixed(step) for step in range(11)] and not calls
     assert [lazy(step) for step in range(11, 60)] == [fixed(step) for step in range(11, 60)] and len(calls) == 1
     assert fixed(50) == pytest.approx(0.1) and fixed(10) == 1.0
+
+
+class Watch(pl.Callback):
+    """Training mode of the parts at every training batch; the logit scale's gradient and value around each
+    optimizer step; the UNet's output dtype while sampling (sample grids, periodic evaluation)."""
+
+    def __init__(self) -> None:
+        self.modes: list[dict[str, bool]] = []
+        self.scale: list[tuple[float, float]] = []
+        self.sampling_dtypes: set[torch.dtype] = set()
+        self._grad = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        generate, sampling = pl_module.generate, {"on": False}
+
+        def watched(*args, **kwargs):
+            sampling["on"] = True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                sampling["on"] = False
+
+        def record(module, args, output) -> None:
+            if sampling["on"]:
+                self.sampling_dtypes.add(output.sample.dtype)
+
+        pl_module.generate = watched
+        pl_module.diffusion.unet.register_forward_hook(record)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        parts = {"llm": pl_module.llm.lm, "unet": pl_module.diffusion.unet, "vae": pl_module.diffusion.vae}
+        if pl_module.vision is not None:
+            parts["tower"] = pl_module.vision.tower
+        modes = {name: part.training for name, part in parts.items()}
+        for name in ("llm", "tower"):
+            dropouts = [m for m in parts.get(name, torch.nn.Module()).modules() if isinstance(m, torch.nn.Dropout)]
+            modes[f"{name}_dropout"] = any(m.training for m in dropouts)
+        self.modes.append(modes)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if pl_module.logit_scale is not None:
+            self._grad = float(pl_module.logit_scale.log_scale.grad or 0.0)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if pl_module.logit_scale is not None:
+            self.scale.append((self._grad, float(pl_module.logit_scale.log_scale)))
+
+
+def test_the_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_each_step(smoke_cfg) -> None:
+    scale = LogitScale(init_temperature=0.005, max_scale=100.0)  # ln(200), above the bound
+    scale().backward()
+    assert scale.log_scale.grad > 0  # a clamp inside forward would give 0 here, for good
+    scale.clamp_()
+    assert float(scale.log_scale) == pytest.approx(math.log(100))
+
+    watch = Watch()
+    overrides = ["model.contrastive.init_temperature=0.005", "callbacks.periodic_eval=null", "trainer.max_epochs=1"]
+    train(smoke_cfg(*overrides), extra_callbacks=[watch])
+    assert all(grad != 0.0 for grad, _ in watch.scale)
+    assert all(value <= math.log(100) + 1e-6 for _, value in watch.scale)
+
+
+def test_sampling_during_training_runs_under_the_trainers_precision(smoke_cfg) -> None:
+    watch = Watch()
+    overrides = ["trainer.precision=bf16-mixed", "callbacks.periodic_eval.every_n_steps=2", "trainer.max_epochs=1"]
+    train(smoke_cfg(*overrides), extra_callbacks=[watch])
+    assert watch.sampling_dtypes == {torch.bfloat16}  # the sample grid and the periodic evaluation, as training
+
+
+@pytest.mark.usefixtures("reduced_hub")
+@pytest.mark.parametrize("lora", [True, False])
+def test_frozen_parts_stay_in_eval_mode_for_the_whole_run(smoke_cfg, lora: bool) -> None:
+    hub = [
+        "model=sd15_gpt2", "data.image_size=64", "model.vision.resampler.width=64", "model.conditioner.hidden=64",
+        "model.contrastive.embed_dim=32", f"model.llm.lora.enabled={lora}", "trainer.max_epochs=2",
+        "callbacks.sample_grid=null", "callbacks.periodic_eval=null",
+    ]  # fmt: skip
+    watch = Watch()
+    train(smoke_cfg(*hub), extra_callbacks=[watch])
+    assert len(watch.modes) == 8  # every batch of both epochs, the second after a validation
+    for modes in watch.modes:
+        # from_pretrained hands every part over in eval mode: the trained UNet trains, the frozen tower does not
+        assert not modes["tower"] and not modes["vae"] and modes["unet"]
+        assert modes["llm"] is lora and modes["llm_dropout"] is lora  # GPT-2 trains with LoRA; frozen without
+        assert not modes["tower_dropout"]  # the frozen CLIP tower never drops out
+
+
+def test_a_frozen_tower_built_from_its_config_is_in_eval_mode_too(smoke_cfg) -> None:
+    watch = Watch()
+    overrides = ["model.vision.freeze=true", "trainer.max_epochs=1"]
+    train(smoke_cfg(*overrides, "callbacks.sample_grid=null", "callbacks.periodic_eval=null"), extra_callbacks=[watch])
+    assert all(not m["tower"] and m["llm"] and m["unet"] for m in watch.modes)  # built in training mode
+
+
+def test_export_merges_lora_into_the_unet_and_the_llm(smoke_cfg, tmp_path) -> None:
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoModelForCausalLM
+
+    from capdiff.export import export
+
+    cfg = smoke_cfg("model.unet.lora.enabled=true", "model.llm.lora.enabled=true")
+    model, _ = build(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA's B starts at zero: give the adapters something to merge
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    export(model, tmp_path / "export")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "export" / "unet")
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "llm")
+    assert type(unet) is type(model.diffusion.unet) and not any("lora" in n for n in unet.state_dict())
+    latents, timesteps = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    text = torch.randn(2, 5, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        lora_unet = model.diffusion.unet(latents, timesteps, text).sample
+        torch.testing.assert_close(unet(latents, timesteps, text).sample, lora_unet)
+        ids = torch.tensor([[1, 5, 9, 3]])
+        torch.testing.assert_close(lm(ids).logits, model.llm.lm(ids).logits)

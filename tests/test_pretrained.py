@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPVisionConfig, CLIPVisionModel, GPT2Config, GPT2LMHeadModel
 
 from capdiff.models.tokenizer import build_byte_bpe, load_tokenizer
-from capdiff.train import build_datamodule, build_model
+from capdiff.train import build_datamodule, build_model, check_config, train
+from tests.helpers import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -87,19 +89,82 @@ def test_the_pretrained_preset_loads_local_folders_and_trains_a_step(smoke_cfg, 
     assert any("lora_" in n for n in changed) and any(n.startswith("diffusion.unet.") for n in changed)
 
 
+def hub_overrides(*extra: str) -> list[str]:
+    """The sd15_gpt2 preset by its hub ids (the reduced offline hub), at 64² and reduced head widths."""
+    return [
+        "model=sd15_gpt2",
+        "data.image_size=64",
+        "model.vision.resampler.width=64",
+        "model.conditioner.hidden=64",
+        "model.contrastive.embed_dim=32",
+        *extra,
+    ]
+
+
+def without_unet(hub: Path) -> str:
+    """A cached copy of the SD-1.5 repo that lacks its unet/ (a partial `hf download`), under another id."""
+    source = hub / "models--stable-diffusion-v1-5--stable-diffusion-v1-5"
+    target = hub / "models--someone--sd15-without-unet"
+    if not target.is_dir():
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("unet"))
+    return "someone/sd15-without-unet"
+
+
 @pytest.mark.parametrize(
-    ("key", "name"),
+    ("override", "message"),
     [
-        ("model.llm.name_or_path", "gpt2"),
-        ("model.vision.name_or_path", "openai/clip-vit-base-patch16"),
-        ("model.vae.name_or_path", "stabilityai/sd-vae-ft-mse"),
+        # not in the local cache while offline: the download command, then the folder key
+        ("model.llm.name_or_path=gpt2-medium", r"model.llm.name_or_path='gpt2-medium': not in the local Hugging Face "
+         r"cache .*offline.*`hf download gpt2-medium --local-dir /models/gpt2-medium`.*model.llm.name_or_path=/models"),
+        ("model.vision.name_or_path=openai/clip-vit-large-patch14", r"model.vision.name_or_path=.*not in the local"),
+        # no such folder
+        ("model.vae.name_or_path=/nonexistent/sd-vae", r"model.vae.name_or_path='/nonexistent/sd-vae': no such folder"
+         r".*hf download <hub id> --local-dir /nonexistent/sd-vae"),
+        # a repo without the part: a VAE repo named as the UNet, a cached pipeline without unet/
+        ("model.unet.name_or_path=stabilityai/sd-vae-ft-mse", r"holds AutoencoderKL, not UNet2DConditionModel"),
+        ("model.unet.name_or_path=WITHOUT_UNET", r"its cached copy has no unet/config.json and no config.json at "
+         r"its top.*hf download someone/sd15-without-unet --include 'unet/\*'"),
     ],
-)
-def test_a_hub_name_offline_fails_fast_saying_how_to_pass_a_folder(smoke_cfg, saved_models, key, name) -> None:
-    overrides = [o for o in sd15_overrides(saved_models) if not o.startswith(f"{key}=")]
-    cfg = smoke_cfg(*overrides, f"{key}={name}")
-    with pytest.raises(OSError, match=rf"{key}='{name}': the hub is offline here.*pass the local folder"):
-        build_model(cfg, build_datamodule(cfg))
+)  # fmt: skip
+def test_a_part_that_cannot_be_found_fails_before_any_work_naming_the_key_and_the_fix(
+    tmp_path: Path, reduced_hub: Path, override: str, message: str
+) -> None:
+    override = override.replace("WITHOUT_UNET", without_unet(reduced_hub))
+    cfg = compose_config(tmp_path, hub_overrides(override, f"paths.output_dir={tmp_path / 'run'}"))
+    with pytest.raises((OSError, ValueError), match=message):
+        train(cfg)
+    assert not (tmp_path / "data").exists()  # no shards, tokenizer, autoencoder or cache were built
+
+
+def test_a_missing_repo_online_is_told_apart_from_one_not_cached(monkeypatch) -> None:
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from capdiff.models import hub
+
+    def not_found(repo: str, filename: str, subfolder=None):
+        response = httpx2.Response(404, request=httpx2.Request("GET", f"https://huggingface.co/{repo}"))
+        raise RepositoryNotFoundError("404", response=response)
+
+    monkeypatch.setattr(hub, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
+    with pytest.raises(OSError, match=r"model.unet.name_or_path='nobody/nothing': no such repo on the Hugging Face"):
+        hub.locate("nobody/nothing", "model.unet.name_or_path", "unet")
+
+
+def test_hub_ids_resolve_subfolders_and_the_unet_trains_at_any_multiple_of_its_downsampling(
+    tmp_path: Path, reduced_hub: Path
+) -> None:
+    cfg = compose_config(tmp_path, hub_overrides())
+    check_config(cfg)
+    model = build_model(cfg, build_datamodule(cfg))
+    unet = model.diffusion.unet
+    assert unet.config.sample_size == 64 and model.diffusion.latent_size == 8  # SD-1.5's 512² default, at 64²
+    assert model.diffusion.vae.config.sample_size == 256  # stabilityai/sd-vae-ft-mse, at the repo's top
+    assert model.generate(["a red circle"], steps=2).shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"data.image_size=72: .*multiple of 64: set data.image_size=64 or 128"):
+        check_config(compose_config(tmp_path, hub_overrides("data.image_size=72")))
 
 
 def test_a_caption_sequence_longer_than_the_llm_fails_at_construction(smoke_cfg) -> None:

@@ -95,8 +95,8 @@ def test_shapes_stream_through_the_standard_pipeline(tmp_path: Path) -> None:
 def test_other_ranks_wait_for_the_shards_instead_of_writing_them(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("LOCAL_RANK", "1")
     urls = [str(tmp_path / "train-0.tar")]
-    with pytest.raises(TimeoutError, match="local rank 0"):
+    with pytest.raises(TimeoutError, match="global rank 0"):
         ensure_split(urls, "train", 4, 0, 32, wait_s=0.5)
     assert not (tmp_path / "train-0.tar").exists()
-    ensure_split(urls, "train", 4, 0, 32)  # what local rank 0 does
+    ensure_split(urls, "train", 4, 0, 32)  # what global rank 0 does
     assert ensure_split(urls, "train", 4, 0, 32, wait_s=0.5) is False  # found at once

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from diffusers import AutoencoderKL
 from pytorch_lightning.callbacks import RichProgressBar
 
 from capdiff.data.transforms import as_unit
+from capdiff.ranks import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _train(datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl
     held_out = datamodule.val_dataloader() if datamodule.val_urls else datamodule.train_dataloader()
     scaling = module.measure_scaling_factor(held_out)
     module.vae.register_to_config(scaling_factor=scaling)
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    partial = partial_path(folder)
     shutil.rmtree(partial, ignore_errors=True)
     module.vae.save_pretrained(partial)
     with torch.no_grad():

@@ -20,11 +20,16 @@ log = logging.getLogger(__name__)
 
 
 class EMA(pl.Callback):
-    """Exponential moving average of `pl_module.ema_parameters()` (the UNet and connector), saved in
-    checkpoints, swapped in for sampling.
+    """Exponential moving average of every trained parameter (`pl_module.ema_parameters()`), saved in
+    checkpoints and swapped in for sampling and captioning.
 
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so early averages are not dominated
-    by the random initialisation.
+    One update per optimizer step: not per micro-batch under `trainer.accumulate_grad_batches`, and none for a
+    step skipped for a non-finite loss. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates
+    (diffusers' `EMAModel` default), so early averages are not dominated by the random initialisation.
+
+    capdiff keeps its own rather than diffusers' `EMAModel`: that one allocates a second copy of the shadow on
+    every update (`_foreach_sub` out of place) and another on every load (a deep copy of the state), where
+    this one updates in place with one `_foreach_lerp_` (bench/ema.py measures both at SD-1.5 size).
     """
 
     def __init__(self, decay: float = 0.999, every_n_steps: int = 1) -> None:
@@ -32,22 +37,37 @@ class EMA(pl.Callback):
         self.every_n_steps = every_n_steps
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
+        self._seen_step: int | None = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # here, not in on_fit_start: under FSDP a checkpoint's state is restored after on_fit_start
         params = pl_module.ema_parameters()
-        if self.shadow and set(self.shadow) == set(params):
+        if self.shadow and set(self.shadow) != set(params):
+            log.warning(
+                "the checkpoint's EMA averages other parameters than this run trains (%d vs %d): the average "
+                "starts again from the current weights",
+                len(self.shadow),
+                len(params),
+            )
+            self.shadow, self.updates = {}, 0
+        if self.shadow:
             self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
         else:
             self.shadow = {n: p.detach().clone() for n, p in params.items()}
+        self._seen_step = trainer.global_step
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        if trainer.global_step % self.every_n_steps:
+        step = trainer.global_step
+        if step == self._seen_step:  # a micro-batch whose gradients are still accumulating
+            return
+        self._seen_step = step
+        if getattr(pl_module, "step_skipped", False) or step % self.every_n_steps:
             return
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         params = pl_module.ema_parameters()
-        # One multi-tensor kernel instead of a Python loop over ~200 tensors.
+        # One multi-tensor kernel, in place, instead of a Python loop over hundreds of tensors.
         torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
 
     def state_dict(self) -> dict:
@@ -73,16 +93,38 @@ class EMA(pl.Callback):
                     params[name].copy_(value)
 
 
+@contextmanager
+def sampling_mode(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """What sampling during training runs under: eval mode, the EMA weights when the run keeps them, and the
+    trainer's precision (bf16 autocast under bf16-mixed), as the training step does; training mode after."""
+    was_training = pl_module.training
+    pl_module.eval()
+    ema = find_ema(trainer)
+    try:
+        with ema.swapped(pl_module) if ema else nullcontext(), trainer.precision_plugin.forward_context():
+            yield
+    finally:
+        pl_module.train(was_training)
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a batch, for Lightning's `ThroughputMonitor` (`batch_size_fn`, see conf/callbacks/default.yaml)."""
+    return len(batch["keys"])
+
+
 def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
 
 def load_checkpoint(path: str | Path, ema: bool = True):
     """A JointModule from a training checkpoint, read once; with `ema`, the EMA callback's averaged weights
-    replace the live UNet and connector weights when the checkpoint has them. Returns (model, EMA used)."""
+    replace the live ones when the checkpoint has them. Returns (model, EMA used).
+
+    The file is memory-mapped: only the weights are read, never the optimizer state beside them (two thirds
+    of an SD-1.5-sized training checkpoint)."""
     from capdiff.module import JointModule
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     model = JointModule(**checkpoint["hyper_parameters"])
     model.load_state_dict(checkpoint["state_dict"])
     return model, bool(ema) and load_ema_weights(model, checkpoint)
@@ -170,16 +212,12 @@ class SampleGrid(pl.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         batch = self._first_val_batch(trainer)
         prompts = self.prompts or (batch["captions"] if batch else None)
-        was_training = pl_module.training
-        pl_module.eval()
-        ema = find_ema(trainer)
         images = {}
-        try:
+        with sampling_mode(trainer, pl_module):
             if prompts and pl_module.diffusion is not None:
-                with ema.swapped(pl_module) if ema else nullcontext():
-                    generated = pl_module.generate(
-                        prompts, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
-                    )
+                generated = pl_module.generate(
+                    prompts, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
+                )
                 grid = caption_grid(generated, prompts)
                 grid.save(folder / f"generated_{tag}.png")
                 images["samples/generated"] = grid
@@ -193,8 +231,6 @@ class SampleGrid(pl.Callback):
                 with (folder / f"captions_{tag}.jsonl").open("w") as out:
                     for key, ref, gen in zip(batch["keys"], batch["captions"], captions, strict=True):
                         out.write(json.dumps({"key": key, "reference": ref, "generated": gen}) + "\n")
-        finally:
-            pl_module.train(was_training)
         log.info("samples for %s written to %s", tag, folder)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image") and images:

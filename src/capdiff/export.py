@@ -29,21 +29,19 @@ PARTS = {"llm": "llm.lm.", "vision": "vision.tower.", "unet": "diffusion.unet.",
 
 
 def merged(model: nn.Module) -> nn.Module:
-    """A copy of `model` with any peft LoRA layers merged into plain weights, in the model's own class."""
-    from peft.tuners.lora import LoraLayer
+    """A copy of `model` with its peft LoRA layers merged into plain weights: each LoRA-wrapped layer is
+    replaced by its base layer holding W + BA, so the model keeps its own class and config (a diffusers UNet
+    and a transformers LM alike) and saves with its own `save_pretrained`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    model = copy.deepcopy(model)
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    if not layers:
+    if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return model
-    for layer in layers:
+    model = copy.deepcopy(model)
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]:
         layer.merge()
-    state = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-    clean = type(model)(model.config) if hasattr(model, "config") else None
-    if clean is None:
-        raise TypeError(f"cannot rebuild a {type(model).__name__} without LoRA: it has no config")
-    clean.load_state_dict(state)
-    return clean
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.get_base_layer())
+    return model
 
 
 SUBFOLDER_KEYS = (("llm", "name_or_path"), ("llm", "tokenizer"), ("vision", "name_or_path"), ("unet", "name_or_path"))

@@ -16,9 +16,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from capdiff.data.transforms import as_unit
 from capdiff.losses import caption_loss, contrastive_loss
+from capdiff.models.compatibility import check_dimensions, latent_size
 from capdiff.models.conditioner import TextConditioner
 from capdiff.models.contrastive import LogitScale
 from capdiff.models.diffusion import LatentDiffusion, build_unet, build_vae
@@ -26,6 +28,7 @@ from capdiff.models.language import LanguageModel
 from capdiff.models.lora import add_lora, freeze
 from capdiff.models.tokenizer import load_tokenizer
 from capdiff.models.vision import VisionEncoder
+from capdiff.ranks import seed_for_rank
 from capdiff.sampling import ddim_sample
 
 TERMS = ("diffusion", "caption", "contrastive")
@@ -60,6 +63,8 @@ class JointModule(pl.LightningModule):
         self.speed = {"channels_last": "auto", "compile": {}} | dict(speed or {})
         self.nonfinite = {"max_skips": 10, "checkpoint": True} | dict(nonfinite or {})
         self.skipped_steps = 0
+        self._nonfinite_terms: str | None = None  # set by a non-finite micro-batch: its optimizer step is skipped
+        self.step_skipped = False  # whether the last optimizer step was skipped (the EMA callback reads it)
         contrastive = dict(contrastive or {})
         embed_dim = int(contrastive.get("embed_dim", 256))
 
@@ -96,10 +101,11 @@ class JointModule(pl.LightningModule):
         self.diffusion = None
         cross_dim = self.llm.hidden_size
         if weights["diffusion"]:
-            net = build_unet(unet.get("name_or_path"), unet.get("config"))
             autoencoder = build_vae(vae["name_or_path"])
-            check_dimensions(net, autoencoder, image_size, self.llm.hidden_size, conditioner or {})
-            self.diffusion = LatentDiffusion(net, autoencoder, **(diffusion or {}))
+            size = latent_size(autoencoder.config, image_size)
+            net = build_unet(unet.get("name_or_path"), unet.get("config"), size)
+            check_dimensions(net.config, autoencoder.config, image_size, self.llm.hidden_size, conditioner or {})
+            self.diffusion = LatentDiffusion(net, autoencoder, latent_size=size, **(diffusion or {}))
             _configure_part(net, unet, "model.unet", checkpointing=lambda m: m.enable_gradient_checkpointing())
             cross_dim = net.config.cross_attention_dim
 
@@ -125,12 +131,49 @@ class JointModule(pl.LightningModule):
         if spec.get("llm"):
             self.llm.lm.compile(**options)
 
-    def on_fit_start(self) -> None:
-        # channels_last speeds convolutions up on GPUs (tensor cores); on 2 CPU cores it measured 3% slower.
+    def setup(self, stage: str) -> None:
+        # Before the strategy moves and wraps the model: DDP builds its gradient buckets from the parameters'
+        # layout, and a layout changed after that costs a copy per bucket every step.
+        if stage == "fit":
+            self.use_channels_last(self.trainer.strategy.root_device)
+
+    def use_channels_last(self, device: torch.device | str) -> None:
+        """The UNet in channels_last memory format when `model.speed.channels_last` says so for `device`: it
+        speeds convolutions up on GPUs (tensor cores); on 2 CPU cores it measured 3% slower."""
         wanted = self.speed.get("channels_last")
-        if self.diffusion is not None and (wanted is True or (wanted == "auto" and self.device.type == "cuda")):
+        on_gpu = torch.device(device).type == "cuda"
+        if self.diffusion is not None and (wanted is True or (wanted == "auto" and on_gpu)):
             self.diffusion.unet.to(memory_format=torch.channels_last)
             self.diffusion.channels_last = True
+
+    def on_fit_start(self) -> None:
+        # Lightning leaves every module in the mode it had (a part loaded by from_pretrained comes in eval
+        # mode): set them here, trained parts to training mode, frozen ones to eval (train below).
+        self.train()
+
+    def on_train_start(self) -> None:
+        # seed_everything gave every rank the same generator: noise, timesteps, posterior draws and dropout
+        # masks would repeat on every rank. Offset by the global rank once the model is built (as open_clip
+        # does); the data order has its own generators (capdiff.data.pipeline) and does not change.
+        seed_for_rank(self.global_rank)
+
+    def train(self, mode: bool = True) -> JointModule:
+        """Lightning puts the whole module in training mode; a part with no trainable parameter (a frozen CLIP
+        tower or GPT-2, the VAE) stays in eval mode, so it runs without dropout as it was pretrained."""
+        super().train(mode)
+        if mode:
+            for part in self._parts():
+                if not any(p.requires_grad for p in part.parameters()):
+                    part.eval()
+        return self
+
+    def _parts(self) -> list[nn.Module]:
+        parts = [self.llm.lm, self.conditioner, self.logit_scale]
+        if self.vision is not None:
+            parts += [self.vision.tower, self.vision]
+        if self.diffusion is not None:
+            parts += [self.diffusion.unet, self.diffusion.vae]
+        return [p for p in parts if p is not None]
 
     def _freeze_unused(self) -> None:
         """Parameters no active term reaches stay out of the optimizer (and out of DDP's gradient sync)."""
@@ -167,12 +210,10 @@ class JointModule(pl.LightningModule):
         return {k: v for k, v in groups.items() if v}
 
     def ema_parameters(self) -> dict[str, nn.Parameter]:
-        """What the EMA callback averages: the trainable UNet and connector weights."""
-        return {
-            n: p
-            for n, p in self.named_parameters()
-            if p.requires_grad and n.startswith(("diffusion.unet.", "conditioner.connector."))
-        }
+        """What the EMA callback averages: every trained parameter. Sampling reads the LLM (the text pass),
+        the connector and the UNet, captioning the vision side and the LLM: averaging them all keeps the two
+        directions of one checkpoint consistent."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
     # ------------------------------------------------------------------ steps
     def _condition(self, captions: list[str], embed: bool) -> dict[str, torch.Tensor]:
@@ -188,8 +229,12 @@ class JointModule(pl.LightningModule):
         mask[:, : empty["cond_mask"].shape[1]] = 1
         return cond, mask
 
+    def caption_dropout_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Which captions of a training batch become the empty prompt (`model.caption_dropout`)."""
+        return torch.rand(batch, device=device) < self.caption_dropout
+
     def _drop_captions(self, cond: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        drop = torch.rand(cond.shape[0], device=cond.device) < self.caption_dropout
+        drop = self.caption_dropout_mask(cond.shape[0], cond.device)
         if not drop.any():
             return cond, mask
         empty, empty_mask = self.empty_condition(cond.shape[1], cond.shape[0])
@@ -226,11 +271,13 @@ class JointModule(pl.LightningModule):
         out["loss"] = sum(self.weights[name.removesuffix("_loss")] * value for name, value in out.items())
         return out
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch, "train", batch_idx)
         size = batch["pixels"].shape[0]
-        if self._skip_nonfinite(out):
-            return None  # no backward, no optimizer step (on every rank: the decision is shared)
+        if not self._finite(out):
+            # Its optimizer step is skipped (optimizer_step). The backward still runs, of a zero that reaches
+            # every trained parameter: under DDP every rank must take part in each gradient all-reduce.
+            return sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=size)
         if self.logit_scale is not None:
@@ -240,16 +287,38 @@ class JointModule(pl.LightningModule):
             self.log(f"data/skipped_{reason}", float(count), on_step=True, reduce_fx="sum", batch_size=size)
         return out["loss"]
 
-    def _skip_nonfinite(self, out: dict[str, torch.Tensor]) -> bool:
-        """A NaN/inf loss skips its step with a warning, up to `model.nonfinite.max_skips` times in a run; the
-        next one saves `checkpoints/nonfinite-step<N>.ckpt` (the last finite weights) and stops the run."""
+    def _finite(self, out: dict[str, torch.Tensor]) -> bool:
+        """Whether the loss is finite on every rank (one decision for all); a non-finite one marks the current
+        optimizer step (every micro-batch of it, under gradient accumulation) to be skipped."""
         finite = bool(torch.isfinite(out["loss"].detach()).item())
         if self._trainer is not None:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            return False
+        if not finite:
+            self._nonfinite_terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k != "loss")
+        return finite
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """One optimizer step, skipped whole when a micro-batch of it had a non-finite loss (its gradients,
+        the earlier micro-batches' included, are dropped); then the logit scale is clamped as a parameter."""
+
+        def closure():
+            loss = optimizer_closure() if optimizer_closure is not None else None
+            if self._nonfinite_terms is not None:
+                optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
+            return loss
+
+        optimizer.step(closure=closure)
+        self.step_skipped = self._nonfinite_terms is not None
+        if self.step_skipped:
+            terms, self._nonfinite_terms = self._nonfinite_terms, None
+            self._skip_nonfinite(terms)
+        elif self.logit_scale is not None:
+            self.logit_scale.clamp_()
+
+    def _skip_nonfinite(self, terms: str) -> None:
+        """A NaN/inf loss skips its step with a warning, up to `model.nonfinite.max_skips` times in a run; the
+        next one saves `checkpoints/nonfinite-step<N>.ckpt` (the last finite weights) and stops the run."""
         self.skipped_steps += 1
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.items() if k != "loss")
         step = self.global_step
         if self.skipped_steps <= int(self.nonfinite["max_skips"]):
             log.warning(
@@ -260,7 +329,7 @@ class JointModule(pl.LightningModule):
                 self.nonfinite["max_skips"],
             )
             self.log("train/skipped_nonfinite", float(self.skipped_steps), on_step=True, batch_size=1)
-            return True
+            return
         saved = ""
         if self.nonfinite.get("checkpoint") and self._trainer is not None:
             path = Path(self.trainer.default_root_dir) / "checkpoints" / f"nonfinite-step{step:06d}.ckpt"
@@ -299,9 +368,11 @@ class JointModule(pl.LightningModule):
                     {"params": no_decay, "name": f"{part}_no_decay", "lr": settings["lr"], "weight_decay": 0.0}
                 )
         # Fused AdamW: one kernel for all parameters. On 2 CPU cores it took the tiny preset's optimizer step
-        # from 23 ms to 5 ms (the default, per-parameter loop is what torch picks on CPU).
+        # from 23 ms to 5 ms (the default, per-parameter loop is what torch picks on CPU). Not under 16-mixed:
+        # its loss scaler would hand the fused kernel scaled gradients that clipping cannot see unscaled.
         fused = optim.get("fused")
-        fused = self.device.type in ("cuda", "cpu") if fused in (None, "auto") else bool(fused)
+        scaled = self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        fused = self.device.type in ("cuda", "cpu") and not scaled if fused in (None, "auto") else bool(fused)
         optimizer = torch.optim.AdamW(groups, betas=tuple(optim["betas"]), fused=fused)
 
         def total() -> int:
@@ -310,6 +381,24 @@ class JointModule(pl.LightningModule):
         schedule = warmup_cosine(int(optim["warmup_steps"]), total, float(optim["min_lr_ratio"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """`trainer.gradient_clip_val`, on every strategy and precision capdiff runs: FSDP clips by the norm
+        over every rank's shards (its root module's `clip_grad_norm_`; Lightning's FSDP plugin refuses norm
+        clipping); without a loss scaler (32-true, bf16-mixed) the gradients are the true ones and are clipped
+        directly, fused AdamW included (Lightning's mixed-precision plugin refuses any fused optimizer)."""
+        if not gradient_clip_val:
+            return
+        by_value = str(gradient_clip_algorithm or "norm") == "value"
+        root = self.trainer.strategy.model
+        if isinstance(root, FullyShardedDataParallel) and not by_value:
+            root.clip_grad_norm_(gradient_clip_val)
+        elif getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            clip = nn.utils.clip_grad_value_ if by_value else nn.utils.clip_grad_norm_
+            clip(params, gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------- use
     @torch.no_grad()
@@ -432,37 +521,4 @@ def check_positions(llm: LanguageModel, prefix: int) -> None:
             f" + the prompt ({len(llm.prompt_ids)} tokens) + model.llm.max_tokens={llm.max_tokens} = {needed} "
             f"exceeds the LLM's {positions} positions: set "
             f"model.llm.max_tokens={max(1, positions - prefix - len(llm.prompt_ids))} or use fewer prefix tokens."
-        )
-
-
-def check_dimensions(unet, vae, image_size: int, llm_dim: int, conditioner: dict) -> None:
-    """Fail at construction, naming both config keys and the value that would fit."""
-    cross = unet.config.cross_attention_dim
-    if conditioner.get("in_dim") not in (None, llm_dim):
-        raise ValueError(
-            f"model.conditioner.in_dim={conditioner['in_dim']} but the LLM (model.llm) has hidden size {llm_dim}: "
-            f"set model.conditioner.in_dim={llm_dim} (or null to follow the LLM)."
-        )
-    if conditioner.get("out_dim") not in (None, cross):
-        raise ValueError(
-            f"model.conditioner.out_dim={conditioner['out_dim']} but model.unet.config.cross_attention_dim={cross}: "
-            f"set model.conditioner.out_dim={cross} (or null to follow the UNet)."
-        )
-    latent_channels = vae.config.latent_channels
-    for side in ("in_channels", "out_channels"):
-        if unet.config[side] != latent_channels:
-            raise ValueError(
-                f"model.unet.config.{side}={unet.config[side]} but the VAE (model.vae.name_or_path) makes "
-                f"{latent_channels}-channel latents: set model.unet.config.{side}={latent_channels}."
-            )
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    if image_size % factor:
-        raise ValueError(f"data.image_size={image_size} must be a multiple of the VAE's downsampling factor {factor}.")
-    latent_size = image_size // factor
-    sample_size = unet.config.sample_size
-    if sample_size is not None and sample_size != latent_size:
-        raise ValueError(
-            f"data.image_size={image_size} gives {latent_size}×{latent_size} latents (VAE ÷{factor}) but "
-            f"model.unet.config.sample_size={sample_size}: set model.unet.config.sample_size={latent_size} "
-            f"or data.image_size={sample_size * factor}."
         )

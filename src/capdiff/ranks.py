@@ -1,18 +1,39 @@
-"""Which process builds a shared file, and how the others wait for it.
+"""Ranks: which process writes a shared file and how the others wait for it, and per-rank random streams.
 
-Lightning's DDP launcher and Slurm start the whole script once per rank, so anything written to disk before
-training (shapes shards, tokenizer, first-stage autoencoder) is written by each node's first process only.
+Lightning's DDP launcher, torchrun and Slurm start the whole script once per rank, so anything written to disk
+before training (shapes shards, tokenizer, first-stage autoencoder, the shapes probe) is written by one
+process of the whole job, global rank 0, and every other rank, on every node, waits for it. The data folder
+(`paths.data_dir`) is then one that every node sees, as on a cluster's shared filesystem.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+# Where each launcher puts the global rank before any process group exists: torchrun / Lightning's own
+# launcher, Slurm (srun), LSF (jsrun).
+RANK_VARIABLES = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
-def is_node_leader() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+def is_global_leader() -> bool:
+    """Whether this process is global rank 0, from the launcher's environment (true when there is none).
+
+    The processes Lightning's launcher starts inherit the parent's variables (SLURM_PROCID=0 in an interactive
+    allocation) and get a LOCAL_RANK ≥ 1 and the node's NODE_RANK, so those count too."""
+    ranks = [int(os.environ[n]) for n in RANK_VARIABLES if os.environ.get(n, "").isdigit()]
+    local = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    node = int(os.environ.get("NODE_RANK", "0") or 0)
+    return (not ranks or ranks[0] == 0) and local == 0 and node == 0
+
+
+def partial_path(path: Path) -> Path:
+    """A temporary name next to `path`, unique to this host and process: two writers never share one."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
 
 
 def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -20,5 +41,22 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not ready():
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for local rank 0 to write {what}")
+            raise TimeoutError(
+                f"waited {timeout_s:.0f} s for global rank 0 to write {what}. Every node must see the same "
+                "paths.data_dir (a shared filesystem); on node-local disks, build it once before the job (run the "
+                "same command on one process) and copy it to every node."
+            )
         time.sleep(1.0)
+
+
+def seed_for_rank(rank: int) -> int:
+    """Seed Python, NumPy and torch (every device) with the run's seed + `rank` (open_clip's
+    `random_seed(seed, rank)`): each rank its own reproducible stream. Returns the seed."""
+    import numpy as np
+    import torch  # here, not at the top: the shard tools import this module and start without torch
+
+    seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0) + rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return seed

@@ -46,10 +46,8 @@ def ddim_sample(
     if guidance_rescale is None:
         guidance_rescale = 0.7 if scheduler.config.get("rescale_betas_zero_snr") else 0.0
     if latents is None or strength < 1.0:
-        shape = (
-            unet.config.in_channels,
-            *(latents.shape[-2:] if latents is not None else (unet.config.sample_size,) * 2),
-        )
+        side = latents.shape[-2:] if latents is not None else (diffusion.latent_size,) * 2
+        shape = (unet.config.in_channels, *side)
         seeds = seeds if seeds is not None else [seed + i for i in range(cond.shape[0])]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         noise = noise.to(cond.device, unet.dtype)
@@ -70,6 +68,7 @@ def ddim_sample(
         model_in = torch.cat([latents, latents]) if guided else latents
         model_in = scheduler.scale_model_input(model_in, t)
         prediction = unet(model_in, t, encoder_hidden_states=context, encoder_attention_mask=context_mask).sample
+        prediction = prediction.to(latents.dtype)  # guidance and the scheduler step in the latents' precision
         if guided:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -92,5 +91,5 @@ def ddim_invert(
     scheduler.set_timesteps(steps, device=latents.device)
     for t in scheduler.timesteps:
         prediction = diffusion.unet(latents, t, encoder_hidden_states=cond, encoder_attention_mask=cond_mask).sample
-        latents = scheduler.step(prediction, t, latents).prev_sample
+        latents = scheduler.step(prediction.to(latents.dtype), t, latents).prev_sample
     return latents

@@ -1,6 +1,7 @@
 """Artefacts a run derives from its own data before the joint model is built, cached under `paths.data_dir`:
 the tiny preset's tokenizer and its first-stage autoencoder. Each is keyed by the data and the settings that
-made it, built once, and reused by later runs (and by the other ranks of a DDP run, which wait for rank 0)."""
+made it, built once, and reused by later runs (and by the other ranks of a DDP run, which wait for global
+rank 0); the latent cache is encoded by all ranks together when fit starts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytorch_lightning as pl
 import webdataset as wds
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -17,9 +19,8 @@ from capdiff.autoencoder import train_autoencoder
 from capdiff.data import ImageTextDataModule
 from capdiff.data.cache_latents import cache_latents, check_cache, is_complete, read_manifest, vae_fingerprint
 from capdiff.data.decode import BadSample, decode_captions
-from capdiff.data.urls import local_path
 from capdiff.models.tokenizer import build_byte_bpe
-from capdiff.ranks import is_node_leader, wait_until
+from capdiff.ranks import is_global_leader, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> None:
     settings = {"vocab_size": int(spec.get("vocab_size", 512)), "captions": int(spec.get("captions", 20000))}
     folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
     if not folder.is_dir():
-        if is_node_leader():
+        if is_global_leader():
             build_byte_bpe(training_captions(datamodule, settings["captions"]), folder, settings["vocab_size"])
         else:
             wait_until(folder.is_dir, 3600, f"the tokenizer in {folder}")
@@ -72,7 +73,7 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
     settings = {"image_size": datamodule.image_size} | stage
     folder = cache_folder(cfg.paths.data_dir, "autoencoders", datamodule, settings)
     if force or not (folder / "config.json").is_file():
-        if is_node_leader():
+        if is_global_leader():
             train_autoencoder(
                 datamodule,
                 folder,
@@ -91,31 +92,51 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
     return folder
 
 
-def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> Path:
-    """`data.latents=true`: encode the shards with the run's VAE once (cached per data and VAE, or into
-    `data.latents_dir`) and point the data module at the cached copies."""
+class LatentCache(pl.Callback):
+    """`data.latents=true`: the run's shards encoded once with its VAE, by the training processes themselves.
+
+    When fit starts (every rank's device and rank known), global rank r of N encodes shards r, r + N, ... on
+    its own device, and every rank waits until all are cached, then reads the cached copies. A finished cache
+    (the same data, image size and VAE) is reused as it is."""
+
+    def __init__(self, urls: list[str], folder: Path, vae_name: str, caption_key: str, fingerprint: str) -> None:
+        self.urls = urls
+        self.folder = folder
+        self.vae_name = vae_name
+        self.caption_key = caption_key
+        self.fingerprint = fingerprint
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.encode(trainer.datamodule, pl_module.diffusion.vae, trainer.global_rank, trainer.world_size,
+                        trainer.strategy.root_device)  # fmt: skip
+
+    def encode(self, datamodule: ImageTextDataModule, vae, rank: int, world_size: int, device) -> None:
+        """Encode this rank's share (unless cached), wait for the others', point `datamodule` at the cache."""
+        if not is_complete(self.urls, self.folder):
+            log.info("caching VAE latents of %d shards in %s (rank %d of %d)", len(self.urls), self.folder, rank,
+                     world_size)  # fmt: skip
+            cache_latents(self.urls, self.folder, vae.to(device), self.vae_name, datamodule.image_size,
+                          self.caption_key, rank=rank, world_size=world_size, fingerprint=self.fingerprint)  # fmt: skip
+            wait_until(lambda: is_complete(self.urls, self.folder), 24 * 3600, f"the cached latents in {self.folder}")
+        else:
+            log.info("reusing the cached latents in %s", self.folder)
+        datamodule.use_cached_shards(self.folder)
+        check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, self.fingerprint)
+
+
+def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> LatentCache | None:
+    """`data.latents=true`: where the run's latents are cached (per data and VAE, or `data.latents_dir`), as a
+    callback that encodes them when fit starts; None when `data.train_urls` already are cached shards."""
     fingerprint = vae_fingerprint(vae)
     if read_manifest(datamodule.train_urls) is not None:  # data.train_urls are cached shards already
         datamodule.use_cached_shards(None)
         check_cache(datamodule.train_urls, "data.train_urls", datamodule.image_size, fingerprint)
-        return local_path(datamodule.train_urls[0]).parent
-    urls = datamodule.train_urls + datamodule.val_urls
+        return None
     folder = cfg.data.get("latents_dir")
     if not folder:
         settings = {"vae": fingerprint, "image_size": datamodule.image_size, "val": datamodule.val_urls}
         folder = cache_folder(cfg.paths.data_dir, "latents", datamodule, settings)
-    folder = Path(folder)
-    if not is_complete(urls, folder):
-        if is_node_leader():
-            log.info("caching VAE latents of %d shards in %s (once)", len(urls), folder)
-            name = str(cfg.model.vae.get("name_or_path"))
-            cache_latents(
-                urls, folder, vae, name, datamodule.image_size, datamodule.caption_key.spec, fingerprint=fingerprint
-            )
-        else:
-            wait_until(lambda: is_complete(urls, folder), 24 * 3600, f"the cached latents in {folder}")
-    else:
-        log.info("reusing the cached latents in %s", folder)
-    datamodule.use_cached_shards(folder)
-    check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, fingerprint)
-    return folder
+    urls = datamodule.train_urls + datamodule.val_urls
+    name = str(cfg.model.vae.get("name_or_path"))
+    return LatentCache(urls, Path(folder), name, datamodule.caption_key.spec, fingerprint)

@@ -12,12 +12,14 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
+from capdiff.checkpoints import StreamingCheckpointIO
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
+from capdiff.models.compatibility import check_parts
 from capdiff.slurm import Requeue
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 
@@ -36,10 +38,20 @@ def instantiate(node: DictConfig):
 
 
 def build_datamodule(cfg: DictConfig) -> ImageTextDataModule:
-    datamodule = instantiate(cfg.data)
+    return prepare_datamodule(instantiate(cfg.data))
+
+
+def prepare_datamodule(datamodule: ImageTextDataModule) -> ImageTextDataModule:
+    """Write what the data needs (the shapes shards), check the shards and build the streams."""
     datamodule.prepare_data()
     datamodule.setup_streams(0, 1)
     return datamodule
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The checks a run makes before any work: every pretrained part is found (hub cache, download or folder)
+    and the parts' sizes fit together, from their config files alone."""
+    check_parts(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.data.image_size))
 
 
 def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
@@ -47,10 +59,7 @@ def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
     prepare_tokenizer(cfg, datamodule)
     if cfg.model.loss.weights.get("diffusion"):
         prepare_autoencoder(cfg, datamodule)
-    model = instantiate(cfg.model)
-    if datamodule.latents and model.diffusion is not None:
-        prepare_latents(cfg, datamodule, model.diffusion.vae)
-    return model
+    return instantiate(cfg.model)
 
 
 def newest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -98,7 +107,7 @@ def load_weights(model: pl.LightningModule, init_from: str) -> None:
     path = Path(init_from)
     if not path.is_file():
         raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = state.get("state_dict", state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -162,7 +171,10 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             "init_from and ckpt_path are both set: ckpt_path resumes a run (weights, optimizer, step), init_from "
             "only loads weights into a new run. Give one of them."
         )
-    datamodule = build_datamodule(cfg)
+    datamodule = instantiate(cfg.data)  # checks the data.* values; nothing is read or written yet
+    if cfg.get("stage") != "autoencoder":
+        check_config(cfg)
+    datamodule = prepare_datamodule(datamodule)
     if cfg.get("stage") == "autoencoder":
         folder = prepare_autoencoder(cfg, datamodule, force=True)
         save_resolved_config(cfg, cfg.paths.output_dir)
@@ -173,21 +185,23 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         load_weights(model, cfg.init_from)
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks += extra_callbacks or []
-    plugins = []
+    if datamodule.latents and model.diffusion is not None:
+        callbacks.append(prepare_latents(cfg, datamodule, model.diffusion.vae))
+    callbacks = [c for c in callbacks if c is not None] + (extra_callbacks or [])
+    plugins: list = [StreamingCheckpointIO()]
     # A job whose tasks Slurm started (not an interactive allocation): capdiff's Requeue owns the pre-timeout
     # signal, not Lightning's auto-requeue.
     if SLURMEnvironment.detect():
         callbacks.append(Requeue())
         plugins.append(SLURMEnvironment(auto_requeue=False))
     with run_loggers(cfg) as loggers:
-        trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins or None
-        )
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
         with warnings.catch_warnings():
             # The datamodule resumes its train stream mid-epoch itself (ImageTextDataModule.state_dict); this
             # warning of Lightning's looks only for a `state_dict` on the loader.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModule.train).
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

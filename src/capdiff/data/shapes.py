@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from capdiff.data.datamodule import ImageTextDataModule
 from capdiff.data.urls import local_path
-from capdiff.ranks import is_node_leader, wait_until
+from capdiff.ranks import is_global_leader, partial_path, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def write_split(paths: Sequence[Path], split: str, num_samples: int, seed: int, 
     bounds = [round(i * num_samples / len(paths)) for i in range(len(paths) + 1)]
     for shard, path in enumerate(paths):
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        partial = partial_path(path)
         with wds.TarWriter(str(partial), encoder=False) as sink:
             for index in range(bounds[shard], bounds[shard + 1]):
                 sink.write(make_sample(index, split, seed, image_size))
@@ -176,7 +175,7 @@ class ShapesDataModule(ImageTextDataModule):
     def prepare_data(self) -> None:
         if self.reading_latents:  # the urls now name the cached copies (capdiff.stages.prepare_latents)
             return
-        wait_s = 0.0 if is_node_leader() else 600.0
+        wait_s = 0.0 if is_global_leader() else 600.0
         ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)

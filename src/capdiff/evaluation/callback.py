@@ -4,13 +4,12 @@ fixed seeds, scored and logged (`peval/...`), so a run's curves show what the sa
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from capdiff.callbacks import find_ema
+from capdiff.callbacks import sampling_mode
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
@@ -76,13 +75,11 @@ class PeriodicEval(pl.Callback):
         batch = self._fixed_batch(trainer)
         if batch is None:
             return
-        was_training = pl_module.training
-        pl_module.eval()
         metrics: dict[str, float] = {}
         pixels, captions = batch["pixels"].to(pl_module.device), batch["captions"]
         truth = [parse_caption(c) for c in captions]
         shapes = all(all(t.values()) for t in truth)
-        try:
+        with sampling_mode(trainer, pl_module):
             if pl_module.vision is not None and pl_module.weights["caption"]:
                 generated = pl_module.caption(pixels)
                 metrics |= caption_scores(generated, [[c] for c in captions])
@@ -91,15 +88,11 @@ class PeriodicEval(pl.Callback):
                     metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
             probe = self._shapes_probe(trainer) if shapes and self.use_probe else None
             if pl_module.diffusion is not None and probe is not None:
-                ema = find_ema(trainer)
-                with ema.swapped(pl_module) if ema else nullcontext():
-                    images = pl_module.generate(
-                        captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
-                    )
+                images = pl_module.generate(
+                    captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
+                )
                 scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
                 metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
-        finally:
-            pl_module.train(was_training)
         metrics = {f"peval/{k}": v for k, v in metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -23,6 +23,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance  # the package only 
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from capdiff.models.hub import load_pretrained
+from capdiff.ranks import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def save_real_features(folder: Path, key: str, features: dict[str, torch.Tensor]
     """Written to a temp name and renamed: a reader never sees half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt"
-    partial = path.with_suffix(".partial")
+    partial = partial_path(path)
     torch.save(features, partial)
     partial.replace(path)
     return path

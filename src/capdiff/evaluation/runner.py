@@ -130,7 +130,8 @@ class Evaluator(pl.LightningModule):
             texts = torch.stack([r["text_embed"] for r in records])
             self.metrics |= retrieval_recall(images, texts)
         if self.model.diffusion is not None:
-            self._generate()
+            with self.trainer.precision_plugin.forward_context():  # as test_step runs: bf16 under bf16-mixed
+                self._generate()
 
     def _finish_real(self) -> None:
         if self.extractor is None:

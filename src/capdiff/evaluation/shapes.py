@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
-from capdiff.ranks import is_node_leader, wait_until
+from capdiff.ranks import is_global_leader, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def load_probe(train_urls: Sequence[str], val_urls: Sequence[str], cache_dir: st
     weights, report_file = folder / "probe.pt", folder / "probe.json"
     stale = report_file.is_file() and json.loads(report_file.read_text()).get("version") != PROBE_VERSION
     if not report_file.is_file() or stale:
-        if is_node_leader():
+        if is_global_leader():
             log.info("training the shapes probe on %s (once; cached in %s)", train_urls[0], folder)
             _, images, attributes = read_split(train_urls)
             probe = fit_probe(images, attributes)

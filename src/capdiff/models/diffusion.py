@@ -6,7 +6,7 @@ and hence its loss weighting, so the training step does not care which one it is
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
@@ -15,21 +15,23 @@ from torch import nn
 from capdiff.losses import diffusion_loss
 from capdiff.models.hub import load_pretrained
 
+log = logging.getLogger(__name__)
 
-def build_unet(name_or_path: str | None, config: dict | None) -> UNet2DConditionModel:
+
+def build_unet(name_or_path: str | None, config: dict | None, latent_size: int | None = None) -> UNet2DConditionModel:
+    """A pretrained UNet (its folder or repo, or the `unet/` of a whole pipeline), or one from `config`
+    whose `sample_size` is the run's latent size (a pretrained one keeps its own: it is only a default)."""
     if name_or_path:
-        kwargs = {"subfolder": "unet"} if _has_subfolder(name_or_path, "unet") else {}
-        return load_pretrained(UNet2DConditionModel.from_pretrained, name_or_path, "model.unet.name_or_path", **kwargs)
-    return UNet2DConditionModel(**(config or {}))
+        return load_pretrained(UNet2DConditionModel.from_pretrained, name_or_path, "model.unet.name_or_path", "unet")
+    config = dict(config or {})
+    if latent_size is not None:
+        config["sample_size"] = latent_size
+    return UNet2DConditionModel(**config)
 
 
 def build_vae(name_or_path: str) -> AutoencoderKL:
-    kwargs = {"subfolder": "vae"} if _has_subfolder(name_or_path, "vae") else {}
-    return load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "model.vae.name_or_path", **kwargs)
-
-
-def _has_subfolder(path: str, name: str) -> bool:
-    return (Path(path) / name / "config.json").is_file()
+    """A pretrained AutoencoderKL: its folder or repo, or the `vae/` of a whole pipeline."""
+    return load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "model.vae.name_or_path", "vae")
 
 
 class LatentDiffusion(nn.Module):
@@ -45,6 +47,7 @@ class LatentDiffusion(nn.Module):
         min_snr_gamma: float = 5.0,
         zero_terminal_snr: bool = False,
         weighting: str = "min_snr",
+        latent_size: int | None = None,
     ) -> None:
         super().__init__()
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -56,6 +59,9 @@ class LatentDiffusion(nn.Module):
             )
         self.unet = unet
         self.vae = vae
+        # The latent side every sampler starts from: data.image_size ÷ the VAE's downsampling, whatever the
+        # UNet's `sample_size` says (a pipeline default, 64 for SD-1.5's 512² images).
+        self.latent_size = int(latent_size or unet.config.sample_size)
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.scheduler = DDPMScheduler(
@@ -111,7 +117,8 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.scaling_factor).sample.clamp(-1, 1)
+        """Images in `[-1, 1]`, float32 whatever precision the VAE ran in."""
+        return self.vae.decode(latents / self.scaling_factor).sample.float().clamp(-1, 1)
 
     def loss(
         self,

@@ -7,7 +7,6 @@ a standard tokenizer folder, so it is loaded through the same `AutoTokenizer.fro
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,7 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from capdiff.models.hub import load_pretrained
+from capdiff.models.hub import TOKENIZER, load_pretrained
+from capdiff.ranks import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def build_byte_bpe(captions: Iterable[str], folder: str | Path, vocab_size: int 
     tokenizer.train_from_iterator(captions, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END, eos_token=END, pad_token=PAD)
     folder = Path(folder)
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    partial = partial_path(folder)
     shutil.rmtree(partial, ignore_errors=True)
     fast.save_pretrained(partial)
     shutil.rmtree(folder, ignore_errors=True)
@@ -48,7 +48,7 @@ def build_byte_bpe(captions: Iterable[str], folder: str | Path, vocab_size: int 
 
 def load_tokenizer(name_or_path: str, key: str = "model.llm.tokenizer") -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token and right padding, as the captioner expects."""
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, key)
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, name_or_path, key, markers=TOKENIZER)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.bos_token is None:

@@ -1,0 +1,125 @@
+"""Sizes that must agree between the parts, checked from their configs alone: `train.py` runs these checks
+before any work (shards, tokenizer, autoencoder, latent caches), reading only the config.json of each
+pretrained part, and the JointModule runs them again on the parts it built.
+
+An SD UNet is convolutional: its `sample_size` is only a pipeline default, so a pretrained UNet with
+`sample_size: 64` (512² images) trains at 256² as well. The latent side always comes from `data.image_size`
+and the VAE's downsampling; what must agree is the channels, the cross-attention width, and an image size
+that the VAE and then every downsampling of the UNet divide evenly.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from capdiff.models.hub import TOKENIZER, load_pretrained, locate
+
+
+def _with_defaults(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """A from-scratch config as the class will see it: its constructor defaults filled in."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return defaults | dict(config)
+
+
+def vae_factor(vae: Mapping[str, Any]) -> int:
+    """How much the VAE downsamples: one halving per encoder block but the last."""
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def unet_factor(unet: Mapping[str, Any]) -> int:
+    """How much the UNet downsamples its input: every down block but the last halves it."""
+    return 2 ** (len(unet["down_block_types"]) - 1)
+
+
+def latent_size(vae: Mapping[str, Any], image_size: int) -> int:
+    return image_size // vae_factor(vae)
+
+
+def check_dimensions(
+    unet: Mapping[str, Any], vae: Mapping[str, Any], image_size: int, llm_dim: int, conditioner: Mapping[str, Any]
+) -> None:
+    """Fail naming both config keys and the value that would fit."""
+    cross = unet["cross_attention_dim"]
+    if conditioner.get("in_dim") not in (None, llm_dim):
+        raise ValueError(
+            f"model.conditioner.in_dim={conditioner['in_dim']} but the LLM (model.llm) has hidden size {llm_dim}: "
+            f"set model.conditioner.in_dim={llm_dim} (or null to follow the LLM)."
+        )
+    if conditioner.get("out_dim") not in (None, cross):
+        raise ValueError(
+            f"model.conditioner.out_dim={conditioner['out_dim']} but model.unet.config.cross_attention_dim={cross}: "
+            f"set model.conditioner.out_dim={cross} (or null to follow the UNet)."
+        )
+    latent_channels = vae["latent_channels"]
+    for side in ("in_channels", "out_channels"):
+        if unet[side] != latent_channels:
+            raise ValueError(
+                f"model.unet.config.{side}={unet[side]} but the VAE (model.vae.name_or_path) makes "
+                f"{latent_channels}-channel latents: set model.unet.config.{side}={latent_channels}."
+            )
+    factor, down = vae_factor(vae), unet_factor(unet)
+    if image_size % (factor * down):
+        below, above = image_size // (factor * down) * factor * down, -(-image_size // (factor * down)) * factor * down
+        sizes = " or ".join(str(s) for s in (below, above) if s > 0)
+        raise ValueError(
+            f"data.image_size={image_size}: the VAE downsamples by {factor} and the UNet then halves its latents "
+            f"{down.bit_length() - 1} times, so the image size must be a multiple of {factor * down}: set "
+            f"data.image_size={sizes}."
+        )
+
+
+def _diffusers_config(cls: type, spec: Mapping[str, Any], key: str, subfolder: str) -> dict[str, Any]:
+    config = load_pretrained(cls.load_config, spec["name_or_path"], key, subfolder=subfolder)
+    found = config.get("_class_name")
+    if found not in (None, cls.__name__):
+        raise ValueError(
+            f"{key}={spec['name_or_path']!r} holds {found}, not {cls.__name__}, and has no {subfolder}/ "
+            f"sub-folder with one: name a repo or folder with a {cls.__name__} (a whole Stable Diffusion "
+            f"pipeline keeps it in {subfolder}/)."
+        )
+    return _with_defaults(cls, config)
+
+
+def llm_config(llm: Mapping[str, Any]):
+    from transformers import AutoConfig
+
+    if llm.get("name_or_path"):
+        return load_pretrained(AutoConfig.from_pretrained, llm["name_or_path"], "model.llm.name_or_path")
+    spec = dict(llm.get("config") or {})
+    return AutoConfig.for_model(spec.pop("model_type", "gpt2"), **spec)
+
+
+def check_parts(model: Mapping[str, Any], image_size: int) -> None:
+    """Find every pretrained part the model config names and check that the parts fit together, reading
+    config files only. Raises the error of `capdiff.models.hub` (with the fix) for a part it cannot find."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPVisionConfig
+
+    weights = (model.get("loss") or {}).get("weights") or {}
+    llm = model.get("llm") or {}
+    if llm.get("tokenizer"):
+        locate(llm["tokenizer"], "model.llm.tokenizer", markers=TOKENIZER)
+    llm_dim = llm_config(llm).hidden_size
+    vision = model.get("vision") or {}
+    if (weights.get("caption") or weights.get("contrastive")) and vision.get("name_or_path"):
+        load_pretrained(CLIPVisionConfig.from_pretrained, vision["name_or_path"], "model.vision.name_or_path")
+    if not weights.get("diffusion"):
+        return
+    unet, vae = model.get("unet") or {}, model.get("vae") or {}
+    if unet.get("name_or_path"):
+        unet_config = _diffusers_config(UNet2DConditionModel, unet, "model.unet.name_or_path", "unet")
+    else:
+        unet_config = _with_defaults(UNet2DConditionModel, unet.get("config") or {})
+    if vae.get("name_or_path"):
+        vae_config = _diffusers_config(AutoencoderKL, vae, "model.vae.name_or_path", "vae")
+    elif (vae.get("first_stage") or {}).get("config"):  # trained on the run's data first (the tiny preset)
+        vae_config = _with_defaults(AutoencoderKL, vae["first_stage"]["config"])
+    else:
+        raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")
+    check_dimensions(unet_config, vae_config, image_size, llm_dim, model.get("conditioner") or {})

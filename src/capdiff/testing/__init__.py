@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that ship with capdiff: an offline Hugging Face hub of the real repos."""
