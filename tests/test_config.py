@@ -104,6 +104,7 @@ def test_joint_ddim_is_the_pretrained_recipe(tmp_path: Path) -> None:
     assert cfg.model.llm.name_or_path == "gpt2"
     assert cfg.model.vae.name_or_path == "stabilityai/sd-vae-ft-mse"
     assert cfg.model.unet.name_or_path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.trainer.accumulate_grad_batches == 1  # in every trainer config, for `trainer.accumulate_grad_batches=4`
     assert cfg.data.image_size == 256
     assert cfg.trainer.accelerator == "gpu"
 

@@ -277,3 +277,27 @@ def test_clip_and_dinov2_feature_spaces_from_tiny_saved_models(tmp_path: Path) -
         build_extractor("clip", None, None, probe=lambda: None)
     with pytest.raises(ValueError, match="not a feature space"):
         build_extractor("vgg", None, None, probe=lambda: None)
+
+
+def test_evaluation_samples_under_the_trainers_precision(smoke_cfg, smoke_root: Path, tmp_path: Path, monkeypatch):
+    import capdiff.evaluate as evaluate_module
+    from tests.helpers import compose_config
+
+    train(smoke_cfg("callbacks.sample_grid=null", "callbacks.periodic_eval=null"))
+    dtypes: set[torch.dtype] = set()
+    load = evaluate_module.load_checkpoint
+
+    def load_and_watch(*args, **kwargs):
+        model, used_ema = load(*args, **kwargs)
+        model.diffusion.unet.register_forward_hook(lambda module, inputs, output: dtypes.add(output.sample.dtype))
+        return model, used_ema
+
+    monkeypatch.setattr(evaluate_module, "load_checkpoint", load_and_watch)
+    overrides = [
+        f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", f"paths.output_dir={tmp_path / 'eval'}",
+        "data.shapes.num_train=256", "data.shapes.num_val=16", "data.num_workers=0", "eval.num_samples=2",
+        "eval.steps=2", "eval.probe=false", "eval.fid.feature=null", "trainer.precision=bf16-mixed",
+    ]  # fmt: skip
+    metrics = evaluate_module.evaluate(compose_config(smoke_root, overrides, config="evaluate"))
+    assert dtypes == {torch.bfloat16}  # the validation losses and the generations alike
+    assert metrics["num_validation"] == 2

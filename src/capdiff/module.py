@@ -132,10 +132,14 @@ class JointModule(pl.LightningModule):
             self.llm.lm.compile(**options)
 
     def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        # Lightning leaves every module in the mode it had, and from_pretrained hands a part over in eval mode:
+        # trained parts to training mode, frozen ones to eval (`train`), before anything reports or runs them.
+        self.train()
         # Before the strategy moves and wraps the model: DDP builds its gradient buckets from the parameters'
         # layout, and a layout changed after that costs a copy per bucket every step.
-        if stage == "fit":
-            self.use_channels_last(self.trainer.strategy.root_device)
+        self.use_channels_last(self.trainer.strategy.root_device)
 
     def use_channels_last(self, device: torch.device | str) -> None:
         """The UNet in channels_last memory format when `model.speed.channels_last` says so for `device`: it
@@ -146,11 +150,6 @@ class JointModule(pl.LightningModule):
             self.diffusion.unet.to(memory_format=torch.channels_last)
             self.diffusion.channels_last = True
 
-    def on_fit_start(self) -> None:
-        # Lightning leaves every module in the mode it had (a part loaded by from_pretrained comes in eval
-        # mode): set them here, trained parts to training mode, frozen ones to eval (train below).
-        self.train()
-
     def on_train_start(self) -> None:
         # seed_everything gave every rank the same generator: noise, timesteps, posterior draws and dropout
         # masks would repeat on every rank. Offset by the global rank once the model is built (as open_clip
@@ -158,8 +157,8 @@ class JointModule(pl.LightningModule):
         seed_for_rank(self.global_rank)
 
     def train(self, mode: bool = True) -> JointModule:
-        """Lightning puts the whole module in training mode; a part with no trainable parameter (a frozen CLIP
-        tower or GPT-2, the VAE) stays in eval mode, so it runs without dropout as it was pretrained."""
+        """Training mode for the trained parts; a part with no trainable parameter (a frozen CLIP tower or
+        GPT-2, the VAE) stays in eval mode, so it runs without dropout, as it was pretrained."""
         super().train(mode)
         if mode:
             for part in self._parts():
