@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from capdiff.checkpoints import StreamingCheckpointIO, remove_orphans
+from capdiff.ranks import host_tag
 from capdiff.train import train
 from tests.helpers import REPO
 
@@ -70,7 +71,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_nothing_in_tmp
 
 
 def test_orphans_of_live_writers_and_other_files_are_kept(tmp_path: Path) -> None:
-    host = os.uname().nodename
+    host = host_tag()
     live = tmp_path / f".last.ckpt.{host}.{os.getpid()}.partial"
     other_host = tmp_path / ".last.ckpt.elsewhere.1.partial"
     unrelated = tmp_path / ".notes.partial"

@@ -38,14 +38,35 @@ class Poison(pl.Callback):
         pl_module.losses = poisoned
 
 
-def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(smoke_cfg, tmp_path: Path) -> None:
-    metrics = train(smoke_cfg("model.nonfinite.max_skips=2"), extra_callbacks=[Poison({1, 2})])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(smoke_cfg, tmp_path: Path, precision: str) -> None:
+    overrides = ["model.nonfinite.max_skips=2", f"trainer.precision={precision}"]
+    metrics = train(smoke_cfg(*overrides), extra_callbacks=[Poison({1, 2})])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     # 4 batches, 2 skipped: the loop's step counter advances, but no weight saw an update for them
     assert checkpoint["global_step"] == 4
     assert {float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()} == {2.0}
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_a_nonfinite_step_is_skipped_under_a_loss_scaler(smoke_cfg) -> None:
+    """16-mixed's GradScaler (on CPU Lightning turns 16-mixed into bf16, so the plugin is given here): a step
+    whose gradients were dropped must reach it as 'nothing to step', or it fails on gradients it never saw."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from capdiff.train import build_datamodule, build_model
+
+    cfg = smoke_cfg("model.nonfinite.max_skips=2")
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg, datamodule)
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=1, plugins=[scaled], gradient_clip_val=1.0, logger=False,
+        enable_checkpointing=False, callbacks=[Poison({1, 2})], limit_val_batches=0, enable_progress_bar=False,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 4 and model.skipped_steps == 2
 
 
 def test_too_many_nonfinite_losses_stop_the_run_with_a_checkpoint(smoke_cfg, tmp_path: Path) -> None:

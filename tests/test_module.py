@@ -89,7 +89,7 @@ def test_without_diffusion_grad_the_diffusion_loss_trains_the_connector_but_not_
     [
         ("model.unet.config.in_channels=3", r"model.unet.config.in_channels=3 but the VAE .* 4-channel latents"),
         ("+model.unet.config.sample_size=8", None),  # a from-scratch UNet follows the image size
-        ("model.conditioner.out_dim=64", r"model.conditioner.out_dim=64 but model.unet.config.cross_attention_dim=32"),
+        ("model.conditioner.out_dim=64", r"model.conditioner.out_dim=64 but the UNet's cross_attention_dim is 32"),
         ("model.conditioner.in_dim=48", r"model.conditioner.in_dim=48 but the LLM \(model.llm\) has hidden size 32"),
     ],
 )
@@ -252,3 +252,38 @@ def test_export_merges_lora_into_the_unet_and_the_llm(smoke_cfg, tmp_path) -> No
         torch.testing.assert_close(unet(latents, timesteps, text).sample, lora_unet)
         ids = torch.tensor([[1, 5, 9, 3]])
         torch.testing.assert_close(lm(ids).logits, model.llm.lm(ids).logits)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_by_norm_and_by_value_with_fused_adamw(smoke_cfg, algorithm: str) -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.enums import GradClipAlgorithmType
+
+    model, _ = build(smoke_cfg())
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, fused=True)  # what Lightning's mixed-precision plugin refuses to clip
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    model._trainer = SimpleNamespace(strategy=SimpleNamespace(model=model), precision_plugin=SimpleNamespace())
+    model.configure_gradient_clipping(optimizer, 0.5, GradClipAlgorithmType(algorithm))
+    if algorithm == "value":
+        assert all(torch.all(p.grad == 0.5) for p in params)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+        assert norm == pytest.approx(0.5, rel=1e-3)
+
+
+def test_every_rank_runs_the_same_passes_whatever_its_caption_dropout_draw(smoke_cfg) -> None:
+    """Under FSDP each forward of a wrapped block is a collective: a rank that drew no dropped caption must
+    still run the empty prompt's pass, or the ranks' collectives stop matching."""
+    model, batch = build(smoke_cfg("model.caption_dropout=0.5"))
+    calls = []
+    model.llm.lm.base_model.register_forward_hook(lambda *args: calls.append(1))
+    counts = []
+    for drop in (False, True):
+        model.caption_dropout_mask = lambda n, device, drop=drop: torch.full((n,), drop, device=device)
+        calls.clear()
+        model.losses(batch, "train")
+        counts.append(len(calls))
+    assert counts[0] == counts[1] == 3  # the caption pass, the text pass and the empty prompt's

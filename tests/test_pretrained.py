@@ -117,6 +117,9 @@ def without_unet(hub: Path) -> str:
         ("model.llm.name_or_path=gpt2-medium", r"model.llm.name_or_path='gpt2-medium': not in the local Hugging Face "
          r"cache .*offline.*`hf download gpt2-medium --local-dir /models/gpt2-medium`.*model.llm.name_or_path=/models"),
         ("model.vision.name_or_path=openai/clip-vit-large-patch14", r"model.vision.name_or_path=.*not in the local"),
+        # a part that may sit in a pipeline's sub-folder: the command fetches the whole repo, --include is a hint
+        ("model.vae.name_or_path=stabilityai/sd-vae-ft-ema", r"`hf download stabilityai/sd-vae-ft-ema --local-dir "
+         r"/models/sd-vae-ft-ema`.* \(of a whole pipeline, `--include 'vae/\*'` fetches only this part\)"),
         # no such folder
         ("model.vae.name_or_path=/nonexistent/sd-vae", r"model.vae.name_or_path='/nonexistent/sd-vae': no such folder"
          r".*hf download <hub id> --local-dir /nonexistent/sd-vae"),
@@ -151,6 +154,31 @@ def test_a_missing_repo_online_is_told_apart_from_one_not_cached(monkeypatch) ->
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
     with pytest.raises(OSError, match=r"model.unet.name_or_path='nobody/nothing': no such repo on the Hugging Face"):
         hub.locate("nobody/nothing", "model.unet.name_or_path", "unet")
+
+
+def test_an_unreachable_hub_still_finds_the_top_of_a_cached_repo(monkeypatch) -> None:
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from capdiff.models import hub
+
+    def cached_top_only(repo: str, filename: str, subfolder=None):
+        if subfolder:  # not cached, and the hub cannot be asked
+            raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+        return f"/cache/{repo}/{filename}"
+
+    monkeypatch.setattr(hub, "offline", lambda: False)  # no HF_HUB_OFFLINE, but no network either
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cached_top_only)
+    assert hub.locate("stabilityai/sd-vae-ft-mse", "model.vae.name_or_path", "vae") == hub.Source(
+        "stabilityai/sd-vae-ft-mse"
+    )
+
+    def nothing_cached(repo: str, filename: str, subfolder=None):
+        raise LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", nothing_cached)
+    with pytest.raises(OSError, match=r"the hub could not be reached and the part is not in the local cache"):
+        hub.locate("stabilityai/sd-vae-ft-mse", "model.vae.name_or_path", "vae")
 
 
 def test_hub_ids_resolve_subfolders_and_the_unet_trains_at_any_multiple_of_its_downsampling(

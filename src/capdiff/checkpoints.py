@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from capdiff.ranks import partial_path
+from capdiff.ranks import host_tag, partial_path
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 def remove_orphans(folder: str | Path) -> list[Path]:
     """Delete the temporary files that killed writers on this host left in `folder`; returns them."""
-    host, removed = socket.gethostname(), []
+    host, removed = host_tag(), []
     for path in Path(folder).glob(".*.partial"):
         match = _PARTIAL.match(path.name)
         if match and match["host"] == host and not _pid_alive(int(match["pid"])) and path.is_file():

@@ -8,7 +8,7 @@
     <folder>/capdiff.json   the hyperparameters, pointing at the sub-folders
 
 LoRA adapters are merged into the exported weights; EMA weights (when the checkpoint has them) replace the live
-UNet and connector weights unless `--no-ema`. `capdiff.pipeline.Pipeline.from_pretrained(folder)` loads it.
+ones unless `--no-ema`. `capdiff.pipeline.Pipeline.from_pretrained(folder)` loads it.
 """
 
 from __future__ import annotations

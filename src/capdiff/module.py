@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -104,7 +105,14 @@ class JointModule(pl.LightningModule):
             autoencoder = build_vae(vae["name_or_path"])
             size = latent_size(autoencoder.config, image_size)
             net = build_unet(unet.get("name_or_path"), unet.get("config"), size)
-            check_dimensions(net.config, autoencoder.config, image_size, self.llm.hidden_size, conditioner or {})
+            check_dimensions(
+                net.config,
+                autoencoder.config,
+                image_size,
+                self.llm.hidden_size,
+                conditioner or {},
+                unet.get("name_or_path"),
+            )
             self.diffusion = LatentDiffusion(net, autoencoder, latent_size=size, **(diffusion or {}))
             _configure_part(net, unet, "model.unet", checkpointing=lambda m: m.enable_gradient_checkpointing())
             cross_dim = net.config.cross_attention_dim
@@ -153,8 +161,9 @@ class JointModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # seed_everything gave every rank the same generator: noise, timesteps, posterior draws and dropout
         # masks would repeat on every rank. Offset by the global rank once the model is built (as open_clip
-        # does); the data order has its own generators (capdiff.data.pipeline) and does not change.
-        seed_for_rank(self.global_rank)
+        # does), and by the step a resumed run starts at, so it does not repeat the draws of step 0; the data
+        # order has its own generators (capdiff.data.pipeline) and does not change.
+        seed_for_rank(self.global_rank, self.global_step * self.trainer.world_size)
 
     def train(self, mode: bool = True) -> JointModule:
         """Training mode for the trained parts; a part with no trainable parameter (a frozen CLIP tower or
@@ -233,9 +242,11 @@ class JointModule(pl.LightningModule):
         return torch.rand(batch, device=device) < self.caption_dropout
 
     def _drop_captions(self, cond: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        drop = self.caption_dropout_mask(cond.shape[0], cond.device)
-        if not drop.any():
+        if not self.caption_dropout:
             return cond, mask
+        drop = self.caption_dropout_mask(cond.shape[0], cond.device)
+        # The empty prompt's LLM pass runs whether or not this rank drew a drop: the ranks draw differently, and
+        # under FSDP every forward is a collective that every rank must make.
         empty, empty_mask = self.empty_condition(cond.shape[1], cond.shape[0])
         return torch.where(drop[:, None, None], empty, cond), torch.where(drop[:, None], empty_mask, mask)
 
@@ -302,9 +313,12 @@ class JointModule(pl.LightningModule):
 
         def closure():
             loss = optimizer_closure() if optimizer_closure is not None else None
-            if self._nonfinite_terms is not None:
-                optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
-            return loss
+            if self._nonfinite_terms is None:
+                return loss
+            # AdamW leaves parameters without gradients as they are; no loss tells a 16-mixed loss scaler that
+            # there is nothing to step (it would fail on gradients it never saw).
+            optimizer.zero_grad(set_to_none=True)
+            return None
 
         optimizer.step(closure=closure)
         self.step_skipped = self._nonfinite_terms is not None
@@ -388,7 +402,7 @@ class JointModule(pl.LightningModule):
         directly, fused AdamW included (Lightning's mixed-precision plugin refuses any fused optimizer)."""
         if not gradient_clip_val:
             return
-        by_value = str(gradient_clip_algorithm or "norm") == "value"
+        by_value = gradient_clip_algorithm == GradClipAlgorithmType.VALUE
         root = self.trainer.strategy.model
         if isinstance(root, FullyShardedDataParallel) and not by_value:
             root.clip_grad_norm_(gradient_clip_val)

@@ -31,9 +31,14 @@ def is_global_leader() -> bool:
     return (not ranks or ranks[0] == 0) and local == 0 and node == 0
 
 
+def host_tag() -> str:
+    """This host's name without dots (a cluster's hosts are often fully qualified), for file names."""
+    return socket.gethostname().replace(".", "-")
+
+
 def partial_path(path: Path) -> Path:
     """A temporary name next to `path`, unique to this host and process: two writers never share one."""
-    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+    return path.with_name(f".{path.name}.{host_tag()}.{os.getpid()}.partial")
 
 
 def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -49,13 +54,13 @@ def wait_until(ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(1.0)
 
 
-def seed_for_rank(rank: int) -> int:
-    """Seed Python, NumPy and torch (every device) with the run's seed + `rank` (open_clip's
+def seed_for_rank(rank: int, offset: int = 0) -> int:
+    """Seed Python, NumPy and torch (every device) with the run's seed + `offset` + `rank` (open_clip's
     `random_seed(seed, rank)`): each rank its own reproducible stream. Returns the seed."""
     import numpy as np
     import torch  # here, not at the top: the shard tools import this module and start without torch
 
-    seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0) + rank
+    seed = int(os.environ.get("PL_GLOBAL_SEED", "0") or 0) + offset + rank
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

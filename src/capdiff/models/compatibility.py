@@ -42,9 +42,15 @@ def latent_size(vae: Mapping[str, Any], image_size: int) -> int:
 
 
 def check_dimensions(
-    unet: Mapping[str, Any], vae: Mapping[str, Any], image_size: int, llm_dim: int, conditioner: Mapping[str, Any]
+    unet: Mapping[str, Any],
+    vae: Mapping[str, Any],
+    image_size: int,
+    llm_dim: int,
+    conditioner: Mapping[str, Any],
+    pretrained_unet: str | None = None,
 ) -> None:
-    """Fail naming both config keys and the value that would fit."""
+    """Fail naming both config keys and the value that would fit (`pretrained_unet`: the UNet's hub id or
+    folder, whose config cannot be changed by model.unet.config)."""
     cross = unet["cross_attention_dim"]
     if conditioner.get("in_dim") not in (None, llm_dim):
         raise ValueError(
@@ -53,16 +59,24 @@ def check_dimensions(
         )
     if conditioner.get("out_dim") not in (None, cross):
         raise ValueError(
-            f"model.conditioner.out_dim={conditioner['out_dim']} but model.unet.config.cross_attention_dim={cross}: "
+            f"model.conditioner.out_dim={conditioner['out_dim']} but the UNet's cross_attention_dim is {cross}: "
             f"set model.conditioner.out_dim={cross} (or null to follow the UNet)."
         )
     latent_channels = vae["latent_channels"]
     for side in ("in_channels", "out_channels"):
-        if unet[side] != latent_channels:
+        if unet[side] == latent_channels:
+            continue
+        if pretrained_unet:
             raise ValueError(
-                f"model.unet.config.{side}={unet[side]} but the VAE (model.vae.name_or_path) makes "
-                f"{latent_channels}-channel latents: set model.unet.config.{side}={latent_channels}."
+                f"model.unet.name_or_path={pretrained_unet!r} has {side}={unet[side]} but the VAE "
+                f"(model.vae.name_or_path) makes {latent_channels}-channel latents: use a VAE with {unet[side]} "
+                f"latent channels, or a UNet made for this VAE (model.unet.name_or_path=null trains one from "
+                f"model.unet.config)."
             )
+        raise ValueError(
+            f"model.unet.config.{side}={unet[side]} but the VAE (model.vae.name_or_path) makes "
+            f"{latent_channels}-channel latents: set model.unet.config.{side}={latent_channels}."
+        )
     factor, down = vae_factor(vae), unet_factor(unet)
     if image_size % (factor * down):
         below, above = image_size // (factor * down) * factor * down, -(-image_size // (factor * down)) * factor * down
@@ -122,4 +136,6 @@ def check_parts(model: Mapping[str, Any], image_size: int) -> None:
         vae_config = _with_defaults(AutoencoderKL, vae["first_stage"]["config"])
     else:
         raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")
-    check_dimensions(unet_config, vae_config, image_size, llm_dim, model.get("conditioner") or {})
+    check_dimensions(
+        unet_config, vae_config, image_size, llm_dim, model.get("conditioner") or {}, unet.get("name_or_path")
+    )

@@ -56,13 +56,17 @@ def is_hub_id(name: str) -> bool:
     return bool(REPO_ID.match(name)) and not name.startswith((".", "~")) and not os.path.exists(name)
 
 
-def _download_hint(repo: str, key: str, subfolder: str | None) -> str:
-    include = f" --include '{subfolder}/*'" if subfolder else ""
+def _download_hint(repo: str, key: str, subfolder: str | None, partial: bool = False) -> str:
+    """The command that fetches the part; `partial`: the repo is a pipeline already in the cache without it."""
     folder = f"/models/{repo.rsplit('/', 1)[-1]}"
-    return (
+    include = f" --include '{subfolder}/*'" if partial else ""
+    hint = (
         f"Download it where there is network (`hf download {repo}{include} --local-dir {folder}`), copy the folder "
         f"here and set {key}={folder}"
     )
+    if subfolder and not partial:
+        hint += f" (of a whole pipeline, `--include '{subfolder}/*'` fetches only this part)"
+    return hint
 
 
 CONFIG = ("config.json",)
@@ -110,10 +114,11 @@ def _locate_on_hub(repo: str, key: str, subfolder: str | None, markers: tuple[st
         if not cached:
             raise PretrainedNotFound(
                 f"{key}={repo!r}: not in the local Hugging Face cache ({hub_cache()}) and the hub is offline here "
-                f"(HF_HUB_OFFLINE=1). {_download_hint(repo, key, subfolder)}; or unset HF_HUB_OFFLINE where the hub "
-                "is reachable."
+                f"({_offline_flag()}). {_download_hint(repo, key, subfolder)}; or unset it where the hub is "
+                "reachable."
             )
-        raise _no_subfolder(repo, key, subfolder, markers, "its cached copy")
+        raise _no_subfolder(repo, key, subfolder, markers, "its cached copy", partial=True)
+    unreachable: Exception | None = None
     for sub in candidates:
         try:
             _download_any(repo, sub, markers)
@@ -123,13 +128,15 @@ def _locate_on_hub(repo: str, key: str, subfolder: str | None, markers: tuple[st
                 f"{key}={repo!r}: no such repo on the Hugging Face hub (or it is private or gated: log in with "
                 f"`hf auth login`). Check the id, or give a local folder: {key}=/models/<name>."
             ) from err
-        except LocalEntryNotFoundError as err:  # the hub is unreachable and the file is not cached
-            raise PretrainedNotFound(
-                f"{key}={repo!r}: the hub could not be reached and the id is not in the local cache "
-                f"({hub_cache()}). {_download_hint(repo, key, subfolder)}."
-            ) from err
+        except LocalEntryNotFoundError as err:  # the hub is unreachable and this file is not cached
+            unreachable = err  # the next candidate (the repo's top) may still be in the cache
         except RemoteEntryNotFoundError:
             continue
+    if unreachable is not None:
+        raise PretrainedNotFound(
+            f"{key}={repo!r}: the hub could not be reached and the part is not in the local cache ({hub_cache()}). "
+            f"{_download_hint(repo, key, subfolder)}; with a cache copied here, set HF_HUB_OFFLINE=1."
+        ) from unreachable
     raise _no_subfolder(repo, key, subfolder, markers, "the repo")
 
 
@@ -147,14 +154,21 @@ def _download_any(repo: str, subfolder: str | None, markers: tuple[str, ...]) ->
     hf_hub_download(repo, markers[-1], subfolder=subfolder)
 
 
+def _offline_flag() -> str:
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "0").lower() not in ("0", "", "false", "no"):
+            return f"{name}={os.environ[name]}"
+    return "HF_HUB_OFFLINE"
+
+
 def _no_subfolder(
-    repo: str, key: str, subfolder: str | None, markers: tuple[str, ...], where: str
+    repo: str, key: str, subfolder: str | None, markers: tuple[str, ...], where: str, partial: bool = False
 ) -> PretrainedNotFound:
     what = f"no {subfolder}/{markers[0]} and no {markers[0]} at its top" if subfolder else f"no {markers[0]}"
     return PretrainedNotFound(
         f"{key}={repo!r}: {where} has {what}, so it holds no such part"
         + (f" (a whole pipeline keeps it in {subfolder}/)" if subfolder else "")
-        + f". Name a repo that has it, or fetch the missing files: {_download_hint(repo, key, subfolder)}."
+        + f". Name a repo that has it, or fetch the missing files: {_download_hint(repo, key, subfolder, partial)}."
     )
 
 
