@@ -122,7 +122,7 @@ def ensure_split(
 ) -> bool:
     """Write the split's shards unless a manifest says the same ones exist; True when it wrote them.
 
-    With `wait_s` > 0 (DDP ranks other than each node's first) it only waits for another process to write
+    With `wait_s` > 0 (every rank but global rank 0) it only waits for another process to write
     them, so two processes never write the same files.
     """
     paths = [local_path(u) for u in urls]
