@@ -63,10 +63,3 @@ def run_entry_point(script: str, root: Path, run_dir: Path, *overrides: str) -> 
     env = os.environ | {"CAPDIFF_ROOT": str(root)}
     command = [sys.executable, script, f"hydra.run.dir={run_dir}", "extras.print_config=false", *overrides]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def run_module(module: str, root: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m <module> ...` as a user runs it, with capdiff's data under `root`."""
-    env = os.environ | {"CAPDIFF_ROOT": str(root)}
-    command = [sys.executable, "-m", module, *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from capdiff.data.shapes import write_split
 from capdiff.export import main as export_main
-from capdiff.testing.hub import CLIP, GPT2, SD15, SD_VAE, revision
+from capdiff.testing.hub import CLIP, GPT2, SD15, SD_VAE, repo_folder, revision
 from capdiff.train import train
 from tests.helpers import compose_config, run_entry_point
 
@@ -23,7 +23,7 @@ def test_the_offline_hub_has_the_cache_layout_and_the_ids_load_as_after_a_downlo
     from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
 
     for repo in (GPT2, CLIP, SD_VAE, SD15):
-        folder = reduced_hub / f"models--{repo.replace('/', '--')}"
+        folder = repo_folder(reduced_hub, repo)
         assert (folder / "refs" / "main").read_text() == revision(repo, "reduced")
         assert (folder / "snapshots" / revision(repo, "reduced")).is_dir()
     lm = AutoModelForCausalLM.from_pretrained(GPT2)

@@ -186,8 +186,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if datamodule.latents and model.diffusion is not None:
-        callbacks.append(prepare_latents(cfg, datamodule, model.diffusion.vae))
-    callbacks = [c for c in callbacks if c is not None] + (extra_callbacks or [])
+        cache = prepare_latents(cfg, datamodule, model.diffusion.vae)  # None: the shards are cached ones already
+        callbacks += [cache] if cache else []
+    callbacks += extra_callbacks or []
     plugins: list = [StreamingCheckpointIO()]
     # A job whose tasks Slurm started (not an interactive allocation): capdiff's Requeue owns the pre-timeout
     # signal, not Lightning's auto-requeue.

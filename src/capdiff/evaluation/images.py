@@ -22,8 +22,8 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance  # the package only re-exports it with torch-fidelity
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from capdiff.checkpoints import atomic_save
 from capdiff.models.hub import load_pretrained
-from capdiff.ranks import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +175,7 @@ def save_real_features(folder: Path, key: str, features: dict[str, torch.Tensor]
     """Written to a temp name and renamed: a reader never sees half a file."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt"
-    partial = partial_path(path)
-    torch.save(features, partial)
-    partial.replace(path)
+    atomic_save(features, path)
     return path
 
 

@@ -6,16 +6,12 @@ and hence its loss weighting, so the training step does not care which one it is
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
 from capdiff.losses import diffusion_loss
 from capdiff.models.hub import load_pretrained
-
-log = logging.getLogger(__name__)
 
 
 def build_unet(name_or_path: str | None, config: dict | None, latent_size: int | None = None) -> UNet2DConditionModel:

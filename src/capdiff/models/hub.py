@@ -26,8 +26,15 @@ REPO_ID = re.compile(r"^[\w.\-]{1,96}(/[\w.\-]{1,96})?$")
 def offline() -> bool:
     from huggingface_hub import constants
 
-    flags = (os.environ.get("HF_HUB_OFFLINE", "0"), os.environ.get("TRANSFORMERS_OFFLINE", "0"))
-    return bool(constants.HF_HUB_OFFLINE) or any(f.lower() not in ("0", "", "false", "no") for f in flags)
+    return bool(constants.HF_HUB_OFFLINE) or _offline_flag() is not None
+
+
+def _offline_flag() -> str | None:
+    """The variable that makes this process offline, as `NAME=value`, or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "0").lower() not in ("0", "", "false", "no"):
+            return f"{name}={os.environ[name]}"
+    return None
 
 
 def hub_cache() -> Path:
@@ -106,16 +113,17 @@ def _locate_on_hub(repo: str, key: str, subfolder: str | None, markers: tuple[st
     candidates = [subfolder, None] if subfolder else [None]
     if offline():
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.file_download import repo_folder_name
 
         for sub in candidates:
             if any(isinstance(try_to_load_from_cache(repo, f"{sub}/{m}" if sub else m), str) for m in markers):
                 return Source(repo, sub)
-        cached = (hub_cache() / f"models--{repo.replace('/', '--')}").is_dir()
+        cached = (hub_cache() / repo_folder_name(repo_id=repo, repo_type="model")).is_dir()
         if not cached:
             raise PretrainedNotFound(
                 f"{key}={repo!r}: not in the local Hugging Face cache ({hub_cache()}) and the hub is offline here "
-                f"({_offline_flag()}). {_download_hint(repo, key, subfolder)}; or unset it where the hub is "
-                "reachable."
+                f"({_offline_flag() or 'HF_HUB_OFFLINE'}). {_download_hint(repo, key, subfolder)}; or unset it "
+                "where the hub is reachable."
             )
         raise _no_subfolder(repo, key, subfolder, markers, "its cached copy", partial=True)
     unreachable: Exception | None = None
@@ -152,13 +160,6 @@ def _download_any(repo: str, subfolder: str | None, markers: tuple[str, ...]) ->
         except RemoteEntryNotFoundError:
             continue
     hf_hub_download(repo, markers[-1], subfolder=subfolder)
-
-
-def _offline_flag() -> str:
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(name, "0").lower() not in ("0", "", "false", "no"):
-            return f"{name}={os.environ[name]}"
-    return "HF_HUB_OFFLINE"
 
 
 def _no_subfolder(

@@ -183,8 +183,15 @@ def revision(repo: str, size: str) -> str:
     return hashlib.sha1(f"capdiff-offline-hub:{repo}:{size}".encode()).hexdigest()
 
 
+def repo_folder(cache: Path, repo: str) -> Path:
+    """Where the hub cache keeps `repo`: `models--<org>--<name>`."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache / repo_folder_name(repo_id=repo, repo_type="model")
+
+
 def snapshot(cache: Path, repo: str, size: str) -> Path:
-    folder = cache / f"models--{repo.replace('/', '--')}"
+    folder = repo_folder(cache, repo)
     rev = revision(repo, size)
     (folder / "refs").mkdir(parents=True, exist_ok=True)
     (folder / "refs" / "main").write_text(rev)
@@ -289,7 +296,7 @@ def write_hub(cache: str | Path, size: str = "reduced", repos: tuple[str, ...] =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for repo in repos:
-            shutil.rmtree(cache / f"models--{repo.replace('/', '--')}", ignore_errors=True)
+            shutil.rmtree(repo_folder(cache, repo), ignore_errors=True)
             log.info("writing %s (%s) into %s", repo, size, cache)
             WRITERS[repo](cache, size)
     return cache
