@@ -1,5 +1,5 @@
 """The JointModule: one LightningModule that trains the captioner, the latent DDIM UNet and the contrastive
-alignment together (DESIGN §1, §4).
+alignment together (README "The model").
 
 loss = λ_diff·L_diff + λ_cap·L_cap + λ_con·L_con from `model.loss.weights`. A term with weight 0 is not
 computed, and the parts only it uses are not built (or, when shared, are frozen), so they get no optimizer state.

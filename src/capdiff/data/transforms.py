@@ -1,4 +1,5 @@
-"""Image transforms with PIL, numpy and torch only (torchvision is not a dependency, see DESIGN §8)."""
+"""Image transforms with PIL, numpy and torch only. torchvision is not a dependency: the registry's builds do
+not match the CPU torch build, and once installed they break the torchmetrics, Lightning and diffusers imports."""
 
 from __future__ import annotations
 

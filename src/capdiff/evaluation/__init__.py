@@ -1,1 +1,1 @@
-"""Metrics and checks of a trained model (DESIGN §6)."""
+"""Metrics and checks of a trained model (README "Evaluation")."""
