@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,slurm,sweep
+EXTRAS ?= dev,slurm,sweep,demo
 STAMP := $(VENV)/.capdiff-installed
 ARGS ?=
 

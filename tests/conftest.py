@@ -79,3 +79,14 @@ def smoke_cfg(smoke_root: Path, tmp_path: Path):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(smoke_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`last.ckpt` of the smoke experiment trained for 2 epochs, once for the session (Pipeline, CLI, demo)."""
+    from capdiff.train import train
+    from tests.helpers import compose_config
+
+    out = tmp_path_factory.mktemp("trained")
+    train(compose_config(smoke_root, ["experiment=smoke", f"paths.output_dir={out}", "trainer.max_epochs=2"]))
+    return out / "checkpoints" / "last.ckpt"

@@ -1,4 +1,4 @@
-"""Helpers for tests: tiny images and tar shards written in tmp_path."""
+"""Helpers for tests: tiny images and tar shards written in tmp_path, and the skip-or-fail rule for CI."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import sys
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NoReturn
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +65,13 @@ def run_entry_point(script: str, root: Path, run_dir: Path, *overrides: str) -> 
     env = os.environ | {"CAPDIFF_ROOT": str(root)}
     command = [sys.executable, script, f"hydra.run.dir={run_dir}", "extras.print_config=false", *overrides]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip a test whose environment is missing (a Slurm cluster, Chromium), saying why; under CI (`CI=true`),
+    where .ci/run installs that environment first, fail instead, so a broken install cannot pass as skips."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(
+            f"{reason} (CI=true: .ci/run installs what this test needs, so it fails instead of skipping)", pytrace=False
+        )
+    pytest.skip(reason)

@@ -143,10 +143,19 @@ def test_missing_shard_file_names_the_key(shard_dir: Path) -> None:
         dm.setup()
 
 
-@pytest.mark.parametrize("urls", [None, [], "", " :: "])
+@pytest.mark.parametrize("urls", [[], "", " :: "])
 def test_empty_url_list_names_the_key(urls) -> None:
-    with pytest.raises(ValueError, match=r"data.train_urls is (empty|not set)"):
+    with pytest.raises(ValueError, match=r"data.train_urls is empty"):
         datamodule(urls, None)
+
+
+def test_no_training_shards_serve_validation_only(shard_dir: Path) -> None:
+    shard = str(write_tar(shard_dir / "val.tar", good_members("v", 3)))
+    dm = datamodule(None, shard)  # as evaluation builds it
+    dm.setup_streams(0, 1)
+    assert sum(len(b["keys"]) for b in dm.val_dataloader()) == 3
+    with pytest.raises(ValueError, match=r"data.train_urls is not set: training needs shards"):
+        dm.train_dataloader()
 
 
 def test_fewer_shards_than_ranks_times_workers(shard_dir: Path) -> None:

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from capdiff.data import ImageTextDataModule, ShapesDataModule
+from capdiff.train import instantiate_data, prepare_datamodule, train
 from tests.helpers import REPO, good_members, write_tar
 
 CONF = REPO / "conf"
@@ -44,7 +45,32 @@ def compose_train(tmp_path: Path, overrides: list[str], config: str = "train"):
         return compose(config, overrides=base + overrides)
 
 
-CASES = [(g, o) for g in GROUPS for o in options(g)]
+# data=from_checkpoint is evaluate.py's default (the checkpoint's own data), not a data source to train on
+CASES = [(g, o) for g in GROUPS for o in options(g) if (g, o) != ("data", "from_checkpoint")]
+PRESETS = [f"experiment={e}" for e in options("experiment")] + [f"debug={d}" for d in options("debug")]
+
+
+@pytest.mark.parametrize("source", ["synthetic", "webdataset"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_with_every_data_source(tmp_path: Path, preset: str, source: str) -> None:
+    overrides = [preset, f"data={source}"]
+    if source == "webdataset":
+        for n in range(8):  # enough shards for every preset's workers
+            write_tar(tmp_path / "shards" / f"{n}.tar", good_members(f"s{n}-", 2))
+        urls = f"{tmp_path}/shards/{{0..7}}.tar"
+        overrides += [f"data.train_urls='{urls}'", f"data.val_urls='{urls}'"]
+    cfg = compose_train(tmp_path, overrides)
+    OmegaConf.resolve(cfg)
+    datamodule = instantiate_data(cfg.data)  # as train.py builds it
+    assert isinstance(datamodule, ShapesDataModule) == (source == "synthetic")
+    if source == "webdataset":
+        prepare_datamodule(datamodule)  # the shards checked and the streams built
+        assert len(datamodule.train_urls) == 8 and datamodule.train_stream is not None
+
+
+def test_training_refuses_the_evaluation_only_data_default(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"data=from_checkpoint is evaluate\.py's default"):
+        train(compose_train(tmp_path, ["data=from_checkpoint"]))
 
 
 @pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])

@@ -13,20 +13,10 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from capdiff import Pipeline
-from capdiff.train import train
 
 
-@pytest.fixture(scope="module")
-def checkpoint(smoke_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.helpers import compose_config
-
-    out = tmp_path_factory.mktemp("pipeline")
-    train(compose_config(smoke_root, ["experiment=smoke", f"paths.output_dir={out}", "trainer.max_epochs=2"]))
-    return out / "checkpoints" / "last.ckpt"
-
-
-def test_caption_generate_and_edit_from_a_checkpoint(checkpoint: Path) -> None:
-    pipe = Pipeline.from_checkpoint(checkpoint)
+def test_caption_generate_and_edit_from_a_checkpoint(trained_checkpoint: Path) -> None:
+    pipe = Pipeline.from_checkpoint(trained_checkpoint)
     image = Image.new("RGBA", (50, 40), (200, 30, 30, 255))  # any mode and size: converted, resized, cropped
     captions = pipe.caption([image, image.convert("L")], max_new_tokens=8)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
@@ -45,11 +35,11 @@ def test_caption_generate_and_edit_from_a_checkpoint(checkpoint: Path) -> None:
         pipe.edit(images[0], "a green circle", steps=3, strength=1.5)
 
 
-def test_ddim_inversion_reconstructs_its_input(checkpoint: Path) -> None:
+def test_ddim_inversion_reconstructs_its_input(trained_checkpoint: Path) -> None:
     """Latents sampled under a prompt, inverted under it, sampled again without guidance: they come back."""
     from capdiff.sampling import ddim_invert, ddim_sample
 
-    model = Pipeline.from_checkpoint(checkpoint).model
+    model = Pipeline.from_checkpoint(trained_checkpoint).model
     prompt = "a small red circle in the top left on a blue background"
     cond = model.condition([prompt])
     uncond, uncond_mask = model.empty_condition(cond["cond"].shape[1], 1)
@@ -64,11 +54,11 @@ def test_ddim_inversion_reconstructs_its_input(checkpoint: Path) -> None:
     assert error < baseline / 100, (error, baseline)
 
 
-def test_export_loads_with_the_standard_loaders_and_round_trips(checkpoint: Path, tmp_path: Path) -> None:
+def test_export_loads_with_the_standard_loaders_and_round_trips(trained_checkpoint: Path, tmp_path: Path) -> None:
     from capdiff.export import main
 
     folder = tmp_path / "export"
-    main([str(checkpoint), str(folder)])
+    main([str(trained_checkpoint), str(folder)])
     assert UNet2DConditionModel.from_pretrained(folder / "unet").config.cross_attention_dim > 0
     assert AutoencoderKL.from_pretrained(folder / "vae").config.latent_channels == 4
     assert AutoModelForCausalLM.from_pretrained(folder / "llm").config.model_type == "gpt2"
@@ -79,7 +69,7 @@ def test_export_loads_with_the_standard_loaders_and_round_trips(checkpoint: Path
     moved = tmp_path / "moved"
     folder.rename(moved)
     exported = Pipeline.from_pretrained(moved)
-    original = Pipeline.from_checkpoint(checkpoint)
+    original = Pipeline.from_checkpoint(trained_checkpoint)
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     assert exported.caption(pixels, max_new_tokens=6) == original.caption(pixels, max_new_tokens=6)
     a = exported.generate(["a red circle"], steps=3)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, skip_or_fail
 from tests.slurm_cluster import LocalSlurm
 
 
@@ -45,7 +45,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
     try:
         cluster.start()
     except RuntimeError as err:
-        pytest.skip(f"Slurm cannot start here: {str(err).splitlines()[0]}")
+        skip_or_fail(f"Slurm cannot start here: {str(err).splitlines()[0]}")
     yield cluster
     cluster.stop()
 

@@ -31,7 +31,7 @@ def test_a_grid_sweep_gives_each_point_its_own_run_folder_and_wandb_run_in_one_g
     sweep = tmp_path / "sweep"
     done = multirun(smoke_root, sweep, "model.caption_dropout=0.0,0.2", "logger=wandb")
     assert done.returncode == 0, done.stderr[-3000:]
-    groups, ids = set(), set()
+    groups, ids, names = set(), set(), set()
     for job, dropout in (("0", 0.0), ("1", 0.2)):
         folder = sweep / job
         assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
@@ -40,7 +40,9 @@ def test_a_grid_sweep_gives_each_point_its_own_run_folder_and_wandb_run_in_one_g
         run = summarize(record)["run"]
         groups.add(run.run_group)
         ids.add(run.run_id)
+        names.add(run.display_name)
     assert groups == {f"smoke-{sweep.name}"} and len(ids) == 2
+    assert names == {"model.caption_dropout=0.0", "model.caption_dropout=0.2"}  # the swept override, by job
 
 
 @pytest.mark.slow

@@ -116,32 +116,6 @@ def find_ema(trainer: pl.Trainer) -> EMA | None:
     return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
 
-def load_checkpoint(path: str | Path, ema: bool = True):
-    """A JointModule from a training checkpoint, read once; with `ema`, the EMA callback's averaged weights
-    replace the live ones when the checkpoint has them. Returns (model, EMA used).
-
-    The file is memory-mapped: only the weights are read, never the optimizer state beside them (two thirds
-    of an SD-1.5-sized training checkpoint)."""
-    from capdiff.module import JointModule
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    model = JointModule(**checkpoint["hyper_parameters"])
-    model.load_state_dict(checkpoint["state_dict"])
-    return model, bool(ema) and load_ema_weights(model, checkpoint)
-
-
-def load_ema_weights(pl_module: pl.LightningModule, checkpoint: dict) -> bool:
-    """Copy the EMA callback's averaged weights from a loaded checkpoint into the module; False if it has none."""
-    state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)
-    if not state:
-        return False
-    params = pl_module.ema_parameters()
-    with torch.no_grad():
-        for name, value in state["shadow"].items():
-            params[name].copy_(value)
-    return True
-
-
 def caption_grid(images: torch.Tensor, texts: list[str], tile: int = 128, width: int = 24) -> Image.Image:
     """Images in `[-1, 1]` side by side, each with its text wrapped underneath."""
     font = ImageFont.load_default()

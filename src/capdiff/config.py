@@ -17,8 +17,19 @@ log = logging.getLogger(__name__)
 PRINT_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths", "extras")
 
 
+def auto_precision(accelerator: str) -> str:
+    """`trainer.precision` for an accelerator: bf16 mixed on a GPU that has bf16 (fp16 mixed on older ones),
+    fp32 on the CPU (`auto`: the GPU when there is one)."""
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def register_resolvers() -> None:
     """Resolvers the configs use; registered before Hydra composes them (train.py, evaluate.py)."""
+    if not OmegaConf.has_resolver("capdiff.precision"):
+        OmegaConf.register_new_resolver("capdiff.precision", auto_precision)
     if not OmegaConf.has_resolver("capdiff.gpus_per_node"):
         # conf/hydra/launcher/slurm.yaml: a GPU per device on GPU trainers, none on CPU ones
         OmegaConf.register_new_resolver(
@@ -56,3 +67,6 @@ def save_resolved_config(cfg: DictConfig, folder: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
+
+
+register_resolvers()  # on import too, so configs composed without train.py / evaluate.py resolve

@@ -5,22 +5,25 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import logging
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import RichProgressBar
 
-from capdiff.callbacks import load_checkpoint
 from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
 from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
-from capdiff.loggers import log_eval_tables, run_loggers
+from capdiff.loggers import link_to_training, log_eval_tables, run_loggers
 from capdiff.module import JointModule
-from capdiff.train import build_datamodule
+from capdiff.portable import load_checkpoint, read_checkpoint, read_run
+from capdiff.quiet import quiet_known_warnings
+from capdiff.train import instantiate_data, prepare_datamodule
 
 log = logging.getLogger(__name__)
 VERSIONS = ("torch", "torchmetrics", "transformers", "diffusers", "pytorch-lightning")
@@ -30,9 +33,89 @@ def check_checkpoint(cfg: DictConfig) -> Path:
     if cfg.get("ckpt_path") is None:
         raise ValueError("ckpt_path is not set: run `python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt`.")
     path = Path(cfg.ckpt_path)
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():  # a run folder
+        path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a checkpoint file.")
+        raise FileNotFoundError(
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a checkpoint file (<run>/checkpoints/last.ckpt)."
+        )
     return path
+
+
+# What the data is, as the model saw it in training: evaluation follows the checkpoint here.
+INTRINSIC = ("image_size", "caption_key")
+
+
+def explicit_data_keys() -> set[str] | None:
+    """The `data.*` keys set on this command line (None when the config was not composed by a Hydra run)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("data."):
+            keys.add(key[len("data.") :].split(".")[0])
+    return keys
+
+
+def follow_run(cfg: DictConfig, run: dict | None, image_size: int, explicit: set[str] | None) -> None:
+    """Make `cfg.data` the data to evaluate on: with `data` left to follow the checkpoint (the default), the
+    training run's own data config with every key set here replacing the run's; with a data source chosen
+    (`data=webdataset`), that source, at the checkpoint's image size and caption key unless they are set.
+    Refuses what contradicts the checkpoint, and training-only settings (latents)."""
+    given = OmegaConf.to_container(cfg.data, resolve=False)
+    if given.get("_target_") is None:
+        if run is None:
+            raise ValueError(
+                f"ckpt_path={cfg.ckpt_path}: this checkpoint does not record the run that trained it (it predates "
+                "capdiff's run records), so its data is unknown: choose it, e.g. `data=webdataset "
+                "data.val_urls=<shards>` or `data=synthetic`."
+            )
+        data = dict(run["config"]["data"])
+        for key, value in given.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = dict(data[key]) | {k: v for k, v in value.items() if v is not None}
+            elif value is not None:
+                data[key] = value
+        explicit = {k for k, v in given.items() if v is not None and v != {} and not _all_none(v)}
+        if "val_urls" in explicit and "_target_" not in explicit:
+            # other shards: read as image-text shards (never written over as the built-in shapes would be),
+            # without the run's training shards, which evaluation does not need
+            data["_target_"] = "capdiff.data.ImageTextDataModule"
+            data.pop("shapes", None)
+        origin = "the run's"
+    else:
+        data = given
+        if explicit is None:
+            explicit = set(given)
+        for key in INTRINSIC:
+            if key not in explicit and run is not None and key in run["config"]["data"]:
+                data[key] = run["config"]["data"][key]
+        origin = "the chosen"
+    for key in ("latents", "latents_dir"):
+        if key in explicit and data.get(key):
+            raise ValueError(
+                f"data.{key}={data[key]}: evaluation captions and scores images, so it reads image shards, not "
+                f"cached latents: drop data.{key} (data.val_urls names the image shards to evaluate on)."
+            )
+    data["latents"], data["latents_dir"] = False, None  # a run that trained on cached latents: its images
+    if not str(data.get("_target_")).endswith("ShapesDataModule"):  # the shapes probe trains on the train split
+        data["train_urls"], data["samples_per_epoch"] = None, None
+    if "image_size" in explicit and int(data["image_size"]) != image_size:
+        raise ValueError(
+            f"data.image_size={data['image_size']} contradicts the checkpoint, trained at {image_size} px: drop "
+            f"data.image_size (evaluation follows the checkpoint) or set data.image_size={image_size}."
+        )
+    data["image_size"] = image_size
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(data)
+    log.info("evaluating on %s data: %s", origin, cfg.data.get("val_urls"))
+
+
+def _all_none(value) -> bool:
+    return isinstance(value, dict) and all(v is None or _all_none(v) for v in value.values())
 
 
 def read_prompts(path: str) -> list[str]:
@@ -65,13 +148,39 @@ def settings_from(cfg: DictConfig) -> EvalSettings:
         batch_size=int(ev.batch_size),
         caption=caption,
         prompts=read_prompts(ev.prompts) if ev.get("prompts") else None,
+        samples_per_prompt=samples_per_prompt(ev.get("samples_per_prompt", 1)),
     )
 
 
-def build_evaluator(cfg: DictConfig, model: JointModule, datamodule, settings: EvalSettings) -> Evaluator:
+def samples_per_prompt(value) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"eval.samples_per_prompt={value!r} must be a positive integer (images per prompt).")
+    return value
+
+
+def fid_feature(cfg: DictConfig, shapes: bool) -> tuple[str | None, str | None]:
+    """The feature space of FID/KID for `eval.fid.feature` (`auto`: the shapes probe on the built-in shapes,
+    torchmetrics' Inception where torch-fidelity is installed, else none), and why FID/KID are skipped when
+    they are."""
+    feature = cfg.eval.fid.get("feature")
+    if feature != "auto":
+        return feature, None if feature else "eval.fid.feature=null"
+    if shapes:
+        return "probe", None
+    if importlib.util.find_spec("torch_fidelity") is not None:
+        return "inception", None
+    return None, (
+        "no feature network for these images: set eval.fid.feature=clip eval.fid.name_or_path=<a CLIP, e.g. "
+        "openai/clip-vit-base-patch16> (or dinov2 with a DINOv2), or eval.fid.feature=inception after "
+        "`pip install -e '.[inception]'`"
+    )
+
+
+def build_evaluator(
+    cfg: DictConfig, model: JointModule, datamodule, settings: EvalSettings, feature: str | None
+) -> Evaluator:
     ev = cfg.eval
     shapes = isinstance(datamodule, ShapesDataModule)
-    folder = probe_folder(cfg.paths.data_dir, datamodule)
 
     def probe():
         if not shapes:
@@ -79,9 +188,9 @@ def build_evaluator(cfg: DictConfig, model: JointModule, datamodule, settings: E
                 "eval.fid.feature=probe needs the built-in shapes data (data=synthetic); for other data use "
                 "eval.fid.feature=inception, or clip/dinov2 with eval.fid.name_or_path."
             )
+        folder = probe_folder(cfg.paths.data_dir, datamodule)
         return load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
 
-    feature = ev.fid.get("feature")
     extractor = real_cache = None
     if feature and model.diffusion is not None:
         extractor = build_extractor(feature, ev.fid.get("name_or_path"), ev.fid.get("weights_path"), probe)
@@ -106,19 +215,32 @@ def build_evaluator(cfg: DictConfig, model: JointModule, datamodule, settings: E
 
 def evaluate(cfg: DictConfig) -> dict:
     """Writes `metrics.json` (`{"metrics": ..., "settings": ...}`) in the run folder and returns the metrics."""
+    quiet_known_warnings()
     apply_extras(cfg)
     path = check_checkpoint(cfg)
+    settings = settings_from(cfg)  # a bad prompts file fails here, before any work
+    checkpoint = read_checkpoint(path)  # memory-mapped: the run record and hyperparameters, no weights read
+    run = read_run(checkpoint)
+    follow_run(cfg, run, int(checkpoint["hyper_parameters"].get("image_size", 32)), explicit_data_keys())
+    link_to_training(cfg, (run or {}).get("wandb"))
     out_dir = Path(cfg.paths.output_dir)
     save_resolved_config(cfg, out_dir)
-    settings = settings_from(cfg)  # a bad prompts file fails here, before any work
-    datamodule = build_datamodule(cfg)
+    datamodule = instantiate_data(cfg.data)
     if not datamodule.val_urls:
-        raise ValueError("data.val_urls is not set: evaluation needs validation shards.")
-    model, used_ema = load_checkpoint(path, ema=cfg.eval.get("ema"))
+        raise ValueError(
+            "data.val_urls is not set (nor recorded in the checkpoint's run): evaluation needs validation shards, "
+            "e.g. data.val_urls='/data/val-{000..003}.tar'."
+        )
+    datamodule = prepare_datamodule(datamodule)
+    feature, skipped = fid_feature(cfg, isinstance(datamodule, ShapesDataModule))
+    if skipped and cfg.eval.fid.get("feature"):
+        log.warning("FID/KID are skipped: %s.", skipped)
+    model, used_ema = load_checkpoint(path, ema=cfg.eval.get("ema"), checkpoint=checkpoint)
     with run_loggers(cfg) as loggers:
-        trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+        bar = RichProgressBar(leave=True)
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[bar])
         (losses,) = trainer.validate(model, datamodule=datamodule)
-        evaluator = build_evaluator(cfg, model, datamodule, settings)
+        evaluator = build_evaluator(cfg, model, datamodule, settings, feature)
         model.eval()
         trainer.test(evaluator, datamodule=datamodule)
         metrics = {k: float(v) for k, v in losses.items()} | evaluator.metrics
@@ -134,7 +256,11 @@ def evaluate(cfg: DictConfig) -> dict:
                 "guidance_scales": settings.guidance_scales,
                 "seed": settings.seed,
                 "caption": settings.caption,
-                "fid_feature": cfg.eval.fid.get("feature"),
+                "fid_feature": feature,
+                "skipped": {"fid_kid": skipped} if skipped else {},
+                "samples_per_prompt": settings.samples_per_prompt,
+                "data": OmegaConf.to_container(cfg.data, resolve=True),
+                "training_run": (run or {}).get("output_dir"),
                 "fid_feature_model": cfg.eval.fid.get("name_or_path"),
                 "clip_model": cfg.eval.clip.get("name_or_path"),
                 "devices": trainer.world_size,

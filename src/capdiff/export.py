@@ -21,8 +21,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capdiff.callbacks import load_checkpoint
 from capdiff.module import JointModule
+from capdiff.portable import load_checkpoint
 
 FORMAT = 1
 PARTS = {"llm": "llm.lm.", "vision": "vision.tower.", "unet": "diffusion.unet.", "vae": "diffusion.vae."}

@@ -29,6 +29,7 @@ from capdiff.models.language import LanguageModel
 from capdiff.models.lora import add_lora, freeze
 from capdiff.models.tokenizer import load_tokenizer
 from capdiff.models.vision import VisionEncoder
+from capdiff.portable import PARTS_KEY, describe_parts
 from capdiff.ranks import seed_for_rank
 from capdiff.sampling import ddim_sample
 
@@ -102,7 +103,7 @@ class JointModule(pl.LightningModule):
         self.diffusion = None
         cross_dim = self.llm.hidden_size
         if weights["diffusion"]:
-            autoencoder = build_vae(vae["name_or_path"])
+            autoencoder = build_vae(vae.get("name_or_path"), vae.get("config"))
             size = latent_size(autoencoder.config, image_size)
             net = build_unet(unet.get("name_or_path"), unet.get("config"), size)
             check_dimensions(
@@ -364,6 +365,10 @@ class JointModule(pl.LightningModule):
     # ------------------------------------------------------------------ resume
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         repair_epoch_progress(checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Every part's config and the tokenizer's files, so the checkpoint loads anywhere (capdiff.portable).
+        checkpoint[PARTS_KEY] = describe_parts(self)
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:

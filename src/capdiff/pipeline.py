@@ -15,26 +15,34 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from capdiff.callbacks import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
 from capdiff.module import JointModule
+from capdiff.portable import load_checkpoint
 from capdiff.sampling import ddim_invert
 
 ImageLike = Image.Image | torch.Tensor
 
 
+def default_device() -> torch.device:
+    """A GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class Pipeline:
-    def __init__(self, model: JointModule, device: str | torch.device = "cpu") -> None:
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
+    """`device`: where the model runs; None picks a GPU when there is one, else the CPU."""
+
+    def __init__(self, model: JointModule, device: str | torch.device | None = None) -> None:
+        self.device = torch.device(device) if device is not None else default_device()
+        self.model = model.to(self.device).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device = "cpu") -> Pipeline:
-        """A training checkpoint; its EMA weights (UNet, connector) are used when it has them and `ema`."""
+    def from_checkpoint(cls, path: str | Path, ema: bool = True, device: str | torch.device | None = None) -> Pipeline:
+        """A training checkpoint (it carries every part, so it loads on any machine); its EMA weights are used
+        when it has them and `ema`."""
         return cls(load_checkpoint(path, ema=ema)[0], device)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None) -> Pipeline:
         """A folder written by `python -m capdiff.export`."""
         from capdiff.export import load_exported
 

@@ -12,7 +12,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from capdiff.checkpoints import StreamingCheckpointIO
@@ -20,8 +20,11 @@ from capdiff.config import apply_extras, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
 from capdiff.models.compatibility import check_parts
+from capdiff.portable import RunRecord, restore_parts
+from capdiff.quiet import quiet_known_warnings
 from capdiff.slurm import Requeue
 from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
+from capdiff.summary import print_run_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,18 @@ def instantiate(node: DictConfig):
         raise
 
 
+def instantiate_data(node: DictConfig) -> ImageTextDataModule:
+    """The datamodule of a `data` config. Presets set the built-in shapes dataset's own settings
+    (`data.shapes`) for when it is the data; with any other data they have no meaning and are left out."""
+    if "shapes" in node and not str(node.get("_target_", "")).endswith("ShapesDataModule"):
+        node = node.copy()
+        with open_dict(node):
+            del node["shapes"]
+    return instantiate(node)
+
+
 def build_datamodule(cfg: DictConfig) -> ImageTextDataModule:
-    return prepare_datamodule(instantiate(cfg.data))
+    return prepare_datamodule(instantiate_data(cfg.data))
 
 
 def prepare_datamodule(datamodule: ImageTextDataModule) -> ImageTextDataModule:
@@ -162,6 +175,7 @@ def sweep_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
 
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
     """Returns the run's final metrics (`trainer.callback_metrics`)."""
+    quiet_known_warnings()
     check_multirun_strategy(cfg)
     apply_extras(cfg)
     pl.seed_everything(cfg.seed, workers=True)
@@ -171,7 +185,17 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             "init_from and ckpt_path are both set: ckpt_path resumes a run (weights, optimizer, step), init_from "
             "only loads weights into a new run. Give one of them."
         )
-    datamodule = instantiate(cfg.data)  # checks the data.* values; nothing is read or written yet
+    if not cfg.data.get("_target_"):
+        raise ValueError(
+            "data=from_checkpoint is evaluate.py's default (a checkpoint's own data): train with data=synthetic "
+            "(the built-in shapes) or data=webdataset data.train_urls=<shards>."
+        )
+    datamodule = instantiate_data(cfg.data)  # checks the data.* values; nothing is read or written yet
+    if not datamodule.train_urls:
+        raise ValueError(
+            "data.train_urls is not set: give the training shards, e.g. data.train_urls='/data/{000..099}.tar'."
+        )
+    record = RunRecord(cfg)  # the run's config as given, before the derived parts are filled in
     if cfg.get("stage") != "autoencoder":
         check_config(cfg)
     datamodule = prepare_datamodule(datamodule)
@@ -180,11 +204,14 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         save_resolved_config(cfg, cfg.paths.output_dir)
         report = json.loads((folder / "capdiff_first_stage.json").read_text())
         return {"autoencoder/val_rec_loss": report["val_rec_loss"]}
+    if ckpt_path is not None:
+        restore_parts(cfg, ckpt_path)
     model = build_model(cfg, datamodule)
     if cfg.get("init_from") and ckpt_path is None:
         load_weights(model, cfg.init_from)
     save_resolved_config(cfg, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(record)
     if datamodule.latents and model.diffusion is not None:
         cache = prepare_latents(cfg, datamodule, model.diffusion.vae)  # None: the shards are cached ones already
         callbacks += [cache] if cache else []
@@ -208,4 +235,5 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         log.info("run folder: %s", cfg.paths.output_dir)
+    print_run_summary(cfg, trainer, metrics)
     return metrics

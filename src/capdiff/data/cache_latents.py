@@ -43,7 +43,10 @@ MANIFEST = "capdiff_latents.json"
 
 def vae_fingerprint(vae: torch.nn.Module) -> str:
     """A short hash of the encoder's config and weights: what decides the latents."""
-    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    # Without the bookkeeping keys (`_name_or_path` and the like): the same VAE moved to another folder, or
+    # rebuilt from a checkpoint, encodes the same latents.
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         if name.startswith(("encoder.", "quant_conv.")):
             digest.update(name.encode())

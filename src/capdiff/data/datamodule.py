@@ -97,7 +97,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
         if samples_per_epoch is not None and samples_per_epoch <= 0:
             raise ValueError(f"data.samples_per_epoch={samples_per_epoch} must be positive (or null to count).")
-        self.train_urls = expand_urls(train_urls, "data.train_urls")
+        # Evaluation reads only the validation split, so it may leave the training shards out.
+        self.train_urls = expand_urls(train_urls, "data.train_urls") if train_urls is not None else []
         self.val_urls = expand_urls(val_urls, "data.val_urls") if val_urls is not None else []
         self.caption_key = CaptionKey.parse(caption_key)
         self.image_size = image_size
@@ -136,6 +137,19 @@ class ImageTextDataModule(pl.LightningDataModule):
     def setup_streams(self, rank: int, world_size: int) -> None:
         """Check the shards and build the streams of one rank (tests call it to play several ranks)."""
         self._check_shards()
+        val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, False, self.reading_latents)
+        self.val_stream = ValStream(
+            self.val_urls,
+            val_spec,
+            self.val_batch_size,
+            rank,
+            world_size,
+            self.skip_counter,
+            self.skip_log_every_s,
+        )
+        if not self.train_urls:
+            self.train_stream = None
+            return
         slots = world_size * max(1, self.num_workers)
         if len(self.train_urls) < slots:
             raise ValueError(
@@ -164,16 +178,6 @@ class ImageTextDataModule(pl.LightningDataModule):
             log_every_s=self.skip_log_every_s,
             resume_at=self.resume_at,
         )
-        val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, False, self.reading_latents)
-        self.val_stream = ValStream(
-            self.val_urls,
-            val_spec,
-            self.val_batch_size,
-            rank,
-            world_size,
-            self.skip_counter,
-            self.skip_log_every_s,
-        )
 
     def use_cached_shards(self, folder: str | Path | None) -> None:
         """Read `latents.npy` with every sample from now on, from the copies of the shards in `folder`
@@ -193,7 +197,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         (train.py builds them before the Trainer does again under its own rank)."""
         if self._shards_checked:
             return
-        check_local_shards(self.train_urls, "data.train_urls")
+        if self.train_urls:
+            check_local_shards(self.train_urls, "data.train_urls")
         if self.val_urls:
             check_local_shards(self.val_urls, "data.val_urls")
         self._check_caption_key()
@@ -221,8 +226,11 @@ class ImageTextDataModule(pl.LightningDataModule):
             errors.append(err)
             return True
 
+        first = (self.train_urls or self.val_urls or [None])[0]
+        if first is None:
+            return
         seen = []
-        for sample in wds.tarfile_samples([{"url": self.train_urls[0]}], handler=keep_going):
+        for sample in wds.tarfile_samples([{"url": first}], handler=keep_going):
             seen.append(sample)
             if self.caption_key.present_in(sample) or len(seen) >= max_samples:
                 break
@@ -231,7 +239,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         members = sorted({k for s in seen for k in s if not k.startswith("__")})
         raise ValueError(
             f"data.caption_key={self.caption_key.spec!r} is in none of the first {len(seen)} samples of "
-            f"{self.train_urls[0]}; they have members {members}. Set data.caption_key to one of them "
+            f"{first}; they have members {members}. Set data.caption_key to one of them "
             "(e.g. 'txt') or to a field of the json member (e.g. 'json.caption')."
         )
 
@@ -246,6 +254,10 @@ class ImageTextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> EpochLoader:
         if self.train_stream is None:
             self.setup("fit")
+        if self.train_stream is None:
+            raise ValueError(
+                "data.train_urls is not set: training needs shards, e.g. data.train_urls='/data/{000..099}.tar'."
+            )
         resume, self._resume = self._resume, None
         return EpochLoader(self.train_stream, epoch_fn=self._trainer_epoch, resume=resume, **self._loader_kwargs())
 

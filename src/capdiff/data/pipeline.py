@@ -58,6 +58,8 @@ def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random | None) -> 
     image = resize_crop(image, spec.image_size, random_crop=spec.random_crop and rng is not None, rng=rng)
     caption = rng.choice(captions) if rng is not None else captions[0]
     decoded = {"key": sample["__key__"], "pixels": to_uint8_hwc(image), "caption": caption}
+    if "__order__" in sample:
+        decoded["order"] = sample["__order__"]
     if spec.latents:
         if LATENTS not in sample:
             raise BadSample("missing_latents", f"no {LATENTS} member: cache the shards with capdiff.data.cache_latents")
@@ -75,6 +77,8 @@ def collate(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
     }
+    if "order" in samples[0]:  # validation: (shard, position) of each sample
+        batch["order"] = [s["order"] for s in samples]
     if "latent_mean" in samples[0]:
         batch["latent_mean"] = torch.stack([s["latent_mean"] for s in samples])
         batch["latent_std"] = torch.stack([s["latent_std"] for s in samples])
@@ -256,4 +260,5 @@ class ValStream(_Stream):
             samples = self._read([{"url": self.urls[shard_index]}], skips)
             for position, sample in enumerate(samples):
                 if (shard_index + position) % self.world_size == self.rank:
+                    sample["__order__"] = (shard_index, position)  # its place in the split, whatever the rank
                     yield sample

@@ -176,6 +176,7 @@ class ShapesDataModule(ImageTextDataModule):
         if self.reading_latents:  # the urls now name the cached copies (capdiff.stages.prepare_latents)
             return
         wait_s = 0.0 if is_global_leader() else 600.0
-        ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
+        if self.train_urls:
+            ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)

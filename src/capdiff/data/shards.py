@@ -196,7 +196,11 @@ def _cmd_write(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     key = CaptionKey.parse(args.caption_key)
-    reports = [inspect_shard(u, key, args.max_pixels, args.show) for u in expand_urls(args.shards, "shards")]
+    urls = expand_urls(args.shards, "shards")
+    reports = [
+        inspect_shard(u, key, args.max_pixels, args.show)
+        for u in track(urls, description="inspecting", console=console, transient=True)
+    ]
     if args.json:
         print(json.dumps(reports))
         return 0

@@ -38,6 +38,7 @@ class PeriodicEval(pl.Callback):
         self.seed = seed
         self._batch: dict | None = None
         self._probe = None
+        self.last_metrics: dict[str, float] = {}  # the latest evaluation's `peval/...` figures (rank 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
@@ -94,6 +95,7 @@ class PeriodicEval(pl.Callback):
                 scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
                 metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
         metrics = {f"peval/{k}": v for k, v in metrics.items()}
+        self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items() if k.endswith("/mean"))

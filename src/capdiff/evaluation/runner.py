@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from pytorch_lightning.callbacks import RichProgressBar
+from rich.progress import MofNCompleteColumn, Progress
 
 from capdiff.callbacks import caption_grid
 from capdiff.data.transforms import as_unit, unit_to_uint8
@@ -37,6 +40,7 @@ class EvalSettings:
     batch_size: int = 64
     caption: dict = field(default_factory=dict)  # generate() options: max_new_tokens, num_beams, do_sample, ...
     prompts: list[str] | None = None  # None: the validation captions
+    samples_per_prompt: int = 1
 
 
 def gather(items: list) -> list:
@@ -48,9 +52,31 @@ def gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def seed_for(text: str, base: int) -> int:
-    """A prompt's own seed: the same image for the same prompt whatever the batch or rank."""
-    return (base + zlib.crc32(text.encode())) % 2**31
+def seed_for(index: int, base: int) -> int:
+    """The seed of the `index`-th image to generate (prompt position × samples per prompt + copy): the same
+    image whatever the batch or rank, and a different one for each copy of a prompt that repeats."""
+    return (base + index) % 2**31
+
+
+@contextmanager
+def progress(trainer: pl.Trainer, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on global rank 0: a task in the trainer's rich progress display when it has one (rich
+    allows one live display at a time), else a rich bar of its own. Yields `advance(n)`."""
+    if trainer.global_rank != 0:
+        yield lambda n: None
+        return
+    bar = trainer.progress_bar_callback
+    live = bar.progress if isinstance(bar, RichProgressBar) else None
+    if live is not None:
+        task = live.add_task(description, total=total)
+        try:
+            yield lambda n: live.update(task, advance=n)
+        finally:
+            live.remove_task(task)
+        return
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True) as own:
+        task = own.add_task(description, total=total)
+        yield lambda n: own.update(task, advance=n)
 
 
 def attributes_named(text: str) -> dict[str, str]:
@@ -96,15 +122,19 @@ class Evaluator(pl.LightningModule):
     # ---------------------------------------------------------------- test loop: validation images
     def test_step(self, batch: dict, batch_idx: int) -> None:
         pixels, captions, keys = as_unit(batch["pixels"]), batch["captions"], batch["keys"]
+        # each sample's place in the split (the generation order); in arrival order where the data has none
+        orders = batch.get("order") or [(self.global_rank, self._seen + i) for i in range(len(keys))]
         if self.settings.num_samples is not None:
             share = -(-self.settings.num_samples // self.trainer.world_size)
             keep = max(0, min(len(keys), share - self._seen))
-            pixels, captions, keys = pixels[:keep], captions[:keep], keys[:keep]
+            pixels, captions, keys, orders = pixels[:keep], captions[:keep], keys[:keep], orders[:keep]
         if not keys:
             return
         self._seen += len(keys)
         model = self.model
-        records = [{"key": k, "reference": c} for k, c in zip(keys, captions, strict=True)]
+        records = [
+            {"key": k, "reference": c, "order": tuple(o)} for k, c, o in zip(keys, captions, orders, strict=True)
+        ]
         if model.vision is not None and model.weights["caption"]:
             generated = model.caption(pixels, **self.settings.caption)
             for record, text in zip(records, generated, strict=True):
@@ -165,11 +195,17 @@ class Evaluator(pl.LightningModule):
                         json.dumps({"key": r["key"], "reference": r["reference"], "generated": r["generated"]}) + "\n"
                     )
 
-    def _prompts(self) -> list[str]:
+    def _prompts(self) -> list[tuple[int, str]]:
+        """This rank's share of the images to generate, as (index, prompt): the prompts in order (the
+        prompts file's, or the validation captions in the split's order, gathered from every rank), each
+        `samples_per_prompt` times, dealt round-robin to the ranks by index."""
         if self.settings.prompts is not None:
             prompts = list(self.settings.prompts)[: self.settings.num_samples]
-            return prompts[self.global_rank :: self.trainer.world_size]
-        return [r["reference"] for r in self._records]
+        else:
+            prompts = [text for _, text in sorted(gather([(r["order"], r["reference"]) for r in self._records]))]
+        copies = max(1, int(self.settings.samples_per_prompt))
+        jobs = [(i * copies + c, p) for i, p in enumerate(prompts) for c in range(copies)]
+        return jobs[self.global_rank :: self.trainer.world_size]
 
     def _generate(self) -> None:
         prompts = self._prompts()
@@ -177,9 +213,11 @@ class Evaluator(pl.LightningModule):
         samples.mkdir(parents=True, exist_ok=True)
         index: list[dict] = []
         sweep = []
-        for scale in self.settings.guidance_scales:
-            results = self._generate_at(prompts, scale, samples, index)
-            sweep.append({"guidance_scale": scale} | results)
+        batches = -(-len(prompts) // self.settings.batch_size) * len(self.settings.guidance_scales)
+        with progress(self.trainer, "generating", batches) as advance:
+            for scale in self.settings.guidance_scales:
+                results = self._generate_at(prompts, scale, samples, index, advance)
+                sweep.append({"guidance_scale": scale} | results)
         index = gather(index)
         if self.global_rank == 0:
             with (samples / "index.jsonl").open("w") as out:
@@ -189,22 +227,26 @@ class Evaluator(pl.LightningModule):
         if len(sweep) > 1:
             self.metrics["guidance_sweep"] = sweep
 
-    def _generate_at(self, prompts: list[str], scale: float, samples: Path, index: list[dict]) -> dict[str, float]:
+    def _generate_at(
+        self, jobs: list[tuple[int, str]], scale: float, samples: Path, index: list[dict], advance
+    ) -> dict[str, float]:
         s = self.settings
         predictions: list[dict] = []
         truths: list[dict] = []
         own_scores: list[float] = []
         grid_images, grid_prompts = [], []
-        for start in range(0, len(prompts), s.batch_size):
-            chunk = prompts[start : start + s.batch_size]
-            seeds = [seed_for(p, s.seed) for p in chunk]
+        for start in range(0, len(jobs), s.batch_size):
+            numbers = [n for n, _ in jobs[start : start + s.batch_size]]
+            chunk = [p for _, p in jobs[start : start + s.batch_size]]
+            seeds = [seed_for(n, s.seed) for n in numbers]
             pixels = self.model.generate(chunk, steps=s.steps, guidance_scale=scale, eta=s.eta, seeds=seeds)
             images = unit_to_uint8(pixels)
             for i, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
-                name = f"g{scale:g}/r{self.global_rank}-{start + i:06d}.png"
+                name = f"g{scale:g}/{numbers[i]:06d}.png"
                 (samples / name).parent.mkdir(parents=True, exist_ok=True)
                 _save_png(images[i], samples / name)
                 index.append({"prompt": prompt, "seed": seed, "guidance_scale": scale, "file": name})
+            advance(1)
             if len(grid_images) < 16:
                 grid_images.append(pixels[: 16 - len(grid_images)])
                 grid_prompts += chunk[: len(grid_images[-1])]

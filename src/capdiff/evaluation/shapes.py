@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from rich import get_console
+from rich.progress import MofNCompleteColumn, Progress
 from torch import nn
 
 from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
@@ -174,14 +177,22 @@ def _fit_probe(images: torch.Tensor, attributes: Sequence[dict], epochs: int, ba
     labels = labels_of(attributes)
     optimizer = torch.optim.AdamW(probe.parameters(), lr=2e-3, weight_decay=1e-4)
     probe.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for idx in order.split(batch_size):
-            logits = probe(degrade(images[idx], generator))
-            loss = sum(nn.functional.cross_entropy(logits[n], labels[n][idx]) for n in ATTRIBUTES)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    steps = epochs * math.ceil(len(images) / batch_size)
+    # On rich's global console, so that during training it nests under Lightning's progress bar. Transient, and
+    # nothing at all where the console is not an interactive terminal (logs, captured output).
+    console = get_console()
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_interactive) as progress:
+        task = progress.add_task("training the shapes probe", total=steps)
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for idx in order.split(batch_size):
+                logits = probe(degrade(images[idx], generator))
+                loss = sum(nn.functional.cross_entropy(logits[n], labels[n][idx]) for n in ATTRIBUTES)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.advance(task)
     return probe.eval()
 
 

@@ -25,9 +25,17 @@ def build_unet(name_or_path: str | None, config: dict | None, latent_size: int |
     return UNet2DConditionModel(**config)
 
 
-def build_vae(name_or_path: str) -> AutoencoderKL:
-    """A pretrained AutoencoderKL: its folder or repo, or the `vae/` of a whole pipeline."""
-    return load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "model.vae.name_or_path", "vae")
+def build_vae(name_or_path: str | None, config: dict | None = None) -> AutoencoderKL:
+    """A pretrained AutoencoderKL (its folder or repo, or the `vae/` of a whole pipeline), or one from `config`
+    (a checkpoint's own, whose weights it then loads)."""
+    if name_or_path:
+        return load_pretrained(AutoencoderKL.from_pretrained, name_or_path, "model.vae.name_or_path", "vae")
+    if config:
+        return AutoencoderKL.from_config(config)
+    raise ValueError(
+        "model.vae.name_or_path is null: name a pretrained VAE (e.g. stabilityai/sd-vae-ft-mse), or build the tiny "
+        "preset through train.py, which trains its first-stage autoencoder on the data (model.vae.first_stage)."
+    )
 
 
 class LatentDiffusion(nn.Module):

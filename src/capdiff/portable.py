@@ -1,0 +1,186 @@
+"""Checkpoints that load anywhere: every capdiff checkpoint carries what it needs to be rebuilt, so a run folder
+(or a single `.ckpt`) copied to another machine loads with no hub access and no `data/` caches.
+
+A training checkpoint holds, besides Lightning's state:
+- `capdiff_parts`: the config of every part (LLM, CLIP tower, UNet, VAE) and the tokenizer's files. The
+  weights are in the state dict already, the tiny preset's derived tokenizer and first-stage autoencoder
+  among them, so nothing is looked up by the paths the training machine used.
+- `capdiff_run`: the training run's config (unresolved, so its paths resolve on the machine that reads it),
+  its run folder and its W&B run, which `evaluate.py` follows.
+
+`load_checkpoint` builds the model from those configs with empty weights and assigns the checkpoint's
+memory-mapped tensors to it: no pretrained download, no random initialisation, no second copy in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+PARTS_KEY = "capdiff_parts"
+RUN_KEY = "capdiff_run"
+FORMAT = 1
+
+
+def _diffusers_config(model: torch.nn.Module) -> dict:
+    """A diffusers model's constructor arguments (without the bookkeeping keys: class, version, folder)."""
+    return {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+
+
+def tokenizer_files(tokenizer) -> dict[str, bytes]:
+    with tempfile.TemporaryDirectory(prefix="capdiff-tokenizer-") as folder:
+        tokenizer.save_pretrained(folder)
+        return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+def write_files(files: dict[str, bytes], folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / Path(name).name).write_bytes(data)
+    return folder
+
+
+def describe_parts(model) -> dict[str, Any]:
+    """What `load_checkpoint` rebuilds `model` (a JointModule) from, weights aside."""
+    parts: dict[str, Any] = {
+        "format": FORMAT,
+        "tokenizer": tokenizer_files(model.llm.tokenizer),
+        "llm": model.llm.lm.config.to_dict(),
+    }
+    if model.vision is not None:
+        parts["vision"] = model.vision.tower.config.to_dict()
+    if model.diffusion is not None:
+        parts["unet"] = _diffusers_config(model.diffusion.unet)
+        parts["vae"] = _diffusers_config(model.diffusion.vae)
+    return parts
+
+
+def rebuilt_hparams(hparams: dict, parts: dict, tokenizer_folder: Path) -> dict:
+    """The JointModule arguments that build every part from the checkpoint's configs and tokenizer."""
+    hparams = copy.deepcopy(dict(hparams))
+    write_files(parts["tokenizer"], tokenizer_folder)
+    hparams["llm"] = dict(hparams["llm"]) | {"name_or_path": None, "config": parts["llm"]}
+    hparams["llm"]["tokenizer"] = str(tokenizer_folder)
+    if "vision" in parts:
+        hparams["vision"] = dict(hparams.get("vision") or {}) | {"name_or_path": None, "config": parts["vision"]}
+    if "unet" in parts:
+        hparams["unet"] = dict(hparams["unet"]) | {"name_or_path": None, "config": parts["unet"]}
+        hparams["vae"] = dict(hparams["vae"]) | {"name_or_path": None, "config": parts["vae"]}
+    # Compiling is a training-speed setting; a loaded model compiles when asked to (Module.compile).
+    hparams["speed"] = dict(hparams.get("speed") or {}) | {"compile": {}}
+    return hparams
+
+
+def ema_shadow(checkpoint: dict) -> dict[str, torch.Tensor] | None:
+    """The EMA callback's averaged weights in a loaded checkpoint, by parameter name; None if it has none."""
+    state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)
+    return dict(state["shadow"]) if state else None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file; pass a .ckpt written by train.py.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # torch's "not a zip file", a truncated copy
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({str(err).splitlines()[0]}): pass a .ckpt written by train.py; "
+            "a copy still in progress or cut short reads like this."
+        ) from err
+
+
+def load_checkpoint(path: str | Path, ema: bool = True, checkpoint: dict | None = None):
+    """A JointModule from a training checkpoint; with `ema`, the EMA callback's averaged weights instead of
+    the live ones when the checkpoint has them. Returns (model, EMA used).
+
+    The file is memory-mapped and its tensors become the model's own: only the weights are read, never the
+    optimizer state beside them (two thirds of an SD-1.5-sized training checkpoint)."""
+    from accelerate import init_empty_weights
+
+    from capdiff.module import JointModule
+
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
+    state = dict(checkpoint["state_dict"])
+    shadow = ema_shadow(checkpoint) if ema else None
+    state |= shadow or {}
+    parts = checkpoint.get(PARTS_KEY)
+    if parts is None:  # written before checkpoints carried their parts: built by the paths it names
+        log.warning("%s carries no part configs: its parts load from the paths its hyperparameters name", path)
+        model = JointModule(**checkpoint["hyper_parameters"])
+        model.load_state_dict(state)
+        return model, shadow is not None
+    with tempfile.TemporaryDirectory(prefix="capdiff-tokenizer-") as folder:
+        hparams = rebuilt_hparams(checkpoint["hyper_parameters"], parts, Path(folder))
+        with init_empty_weights(include_buffers=False):
+            model = JointModule(**hparams)
+    model.load_state_dict(state, assign=True)
+    if getattr(model.llm.lm.config, "tie_word_embeddings", False):
+        model.llm.lm.tie_weights()  # assign gave the tied input and output embeddings a Parameter each
+    model.hparams.update(copy.deepcopy(dict(checkpoint["hyper_parameters"])))
+    return model, shadow is not None
+
+
+def read_run(checkpoint: dict) -> dict | None:
+    """The training run a checkpoint came from: `{"config", "output_dir", "wandb"}` (None before capdiff kept it)."""
+    return checkpoint.get(RUN_KEY)
+
+
+class RunRecord(pl.Callback):
+    """Writes the run's config, folder and W&B identity into every checkpoint (`capdiff_run`)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.config = OmegaConf.to_container(cfg, resolve=False)
+        self.output_dir = str(cfg.paths.output_dir)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        from capdiff.loggers import wandb_identity
+
+        checkpoint[RUN_KEY] = {
+            "config": self.config,
+            "output_dir": self.output_dir,
+            "wandb": wandb_identity(trainer.loggers),
+        }
+
+
+def restore_parts(cfg: DictConfig, ckpt_path: str | Path) -> None:
+    """On resume, the derived parts come from the checkpoint, not from the `data/` caches (which the machine
+    that resumes may not have, or may hold for other data): the tokenizer and the first-stage autoencoder are
+    written into the run folder and the config points at them."""
+    llm, vae = cfg.model.llm, cfg.model.get("vae") or {}
+    derived_tokenizer = not (llm.get("tokenizer") or llm.get("name_or_path"))
+    derived_vae = bool(cfg.model.loss.weights.get("diffusion")) and not vae.get("name_or_path")
+    if not (derived_tokenizer or derived_vae) or Path(ckpt_path).is_dir():  # a sharded FSDP checkpoint: no parts
+        return
+    checkpoint = read_checkpoint(ckpt_path)
+    parts = checkpoint.get(PARTS_KEY)
+    if parts is None:
+        return
+    folder = Path(cfg.paths.output_dir) / "parts"
+    with open_dict(cfg):
+        if derived_tokenizer:
+            cfg.model.llm.tokenizer = str(write_files(parts["tokenizer"], folder / "tokenizer"))
+        if derived_vae and "vae" in parts:
+            cfg.model.vae.name_or_path = str(write_autoencoder(checkpoint, parts["vae"], folder / "autoencoder"))
+    log.info("resuming with the tokenizer and first-stage autoencoder the checkpoint carries (%s)", folder)
+
+
+def write_autoencoder(checkpoint: dict, config: dict, folder: Path) -> Path:
+    """The checkpoint's VAE as a diffusers folder (its weights from the state dict)."""
+    from diffusers import AutoencoderKL
+
+    prefix = "diffusion.vae."
+    vae = AutoencoderKL.from_config(config)
+    vae.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    vae.save_pretrained(folder)
+    return folder
