@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from capdiff import Pipeline
+from capdiff import Pipeline, cli
 from capdiff.evaluate import evaluate
 from capdiff.portable import PARTS_KEY, RUN_KEY, read_checkpoint
 from capdiff.train import train
@@ -88,7 +88,7 @@ def test_a_checkpoint_carries_its_parts_and_its_run(trained: tuple[Path, Path], 
 
 
 def test_a_moved_run_loads_and_evaluates_without_the_caches(
-    trained: tuple[Path, Path], shards: dict[str, str], tmp_path: Path
+    trained: tuple[Path, Path], shards: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     root, _ = trained
     run = moved(trained, tmp_path)
@@ -101,6 +101,9 @@ def test_a_moved_run_loads_and_evaluates_without_the_caches(
     assert len(pipe.caption([image, image])) == 2
     (generated,) = pipe.generate(["a train 3"], steps=2)
     assert generated.size == (SIZE, SIZE)
+    image.save(tmp_path / "red.png")
+    assert cli.main(["caption", "--ckpt", str(checkpoint), str(tmp_path / "red.png")]) == 0  # the capdiff command
+    assert capsys.readouterr().out.strip() == f"{tmp_path / 'red.png'}\t{pipe.caption([image])[0]}"
 
     # evaluate.py with nothing but the checkpoint: the run's own validation shards, at its image size
     done = run_entry_point("evaluate.py", root, tmp_path / "eval", f"ckpt_path={checkpoint}", "eval.steps=2")
