@@ -139,3 +139,28 @@ def test_shapes_paths_follow_image_size(tmp_path: Path) -> None:
     cfg = compose_train(tmp_path, ["data.image_size=64"])
     assert "/shapes-64px-seed0/train-{000000..000007}.tar" in str(cfg.data.train_urls)
     assert str(cfg.data.train_urls).startswith(str(tmp_path / "data"))
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "bf16", "expected"),
+    [
+        ("auto", False, False, "32-true"),
+        ("cpu", True, True, "32-true"),
+        ("auto", True, True, "bf16-mixed"),
+        ("gpu", True, False, "16-mixed"),
+    ],
+)
+def test_the_default_precision_follows_the_hardware(monkeypatch, accelerator, cuda, bf16, expected) -> None:
+    from capdiff.config import auto_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert auto_precision(accelerator) == expected
+
+
+def test_training_and_evaluation_pick_the_hardware_by_default(tmp_path: Path) -> None:
+    for config in ("train", "evaluate"):
+        cfg = compose_train(tmp_path, [], config=config)
+        assert cfg.trainer.accelerator == "auto"
+        assert cfg.trainer.precision == ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    assert compose_train(tmp_path, [])["trainer"]["max_time"] == "00:00:06:00"  # the CPU default's budget

@@ -125,6 +125,8 @@ def load_checkpoint(path: str | Path, ema: bool = True, checkpoint: dict | None 
         with init_empty_weights(include_buffers=False):
             model = JointModule(**hparams)
     model.load_state_dict(state, assign=True)
+    if "unet" in parts:  # a pretrained UNet's own default size, which building from config set to the latent size
+        model.diffusion.unet.register_to_config(sample_size=parts["unet"]["sample_size"])
     if getattr(model.llm.lm.config, "tie_word_embeddings", False):
         model.llm.lm.tie_weights()  # assign gave the tied input and output embeddings a Parameter each
     model.hparams.update(copy.deepcopy(dict(checkpoint["hyper_parameters"])))
