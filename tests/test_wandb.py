@@ -296,6 +296,7 @@ def sweep_names(tmp_path: Path, *overrides: str) -> dict[str, list[str]]:
     return {line.split()[1]: line.split()[2:] for line in done.stdout.splitlines() if line.startswith("NAME ")}
 
 
+@pytest.mark.slow  # a real Hydra multirun in a process of its own
 def test_sweep_jobs_are_named_by_their_swept_overrides(tmp_path: Path) -> None:
     names = sweep_names(tmp_path, "+lr=0.1,0.2", "+layers=range(1,3)", "+note=fixed", "+paths.x=/p", "+ckpt_path=c")
     assert names == {
