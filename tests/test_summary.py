@@ -27,6 +27,7 @@ KNOWN_NOTICES = (
     "module(s) in eval mode at the start of training",
     "The attention mask and the pad token id were not set",
     "The attention mask is not set",
+    "We strongly recommend passing in an `attention_mask`",
     "Total FLOPs",
     "💡 Tip: For seamless cloud",
     "Trainer already configured with model summary callbacks",
@@ -134,6 +135,17 @@ def test_lightnings_adverts_are_left_out_of_the_log_and_its_other_lines_kept(cap
         lightning.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
         lightning.info("GPU available: False, used: False")
     assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
+
+
+def test_the_all_ones_attention_mask_notice_of_caption_generation_is_left_out(caplog) -> None:
+    from capdiff.quiet import TRANSFORMERS_LOGGER, quiet_known_warnings
+
+    quiet_known_warnings()
+    transformers = logging.getLogger(TRANSFORMERS_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=TRANSFORMERS_LOGGER):
+        transformers.warning("We strongly recommend passing in an `attention_mask` since your input_ids may be padded.")
+        transformers.warning("Some weights of the model checkpoint were not used")
+    assert [r.getMessage() for r in caplog.records] == ["Some weights of the model checkpoint were not used"]
 
 
 @pytest.mark.slow  # a whole smoke run as `python train.py` runs it, ~1 min

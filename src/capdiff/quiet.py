@@ -2,8 +2,7 @@
 their exact message (never a whole category, so any other warning of the same kind still shows).
 
 `quiet_known_warnings()` is called by train.py and evaluate.py; each entry says why its notice does not apply.
-Two others are fixed where they arise instead: the model summary's empty FLOPs count (`capdiff.summary.
-ModelSummary`), and transformers' attention-mask notice (`LanguageModel.generate` passes the mask).
+The model summary's empty FLOPs count is fixed where it arises instead (`capdiff.summary.ModelSummary`).
 """
 
 from __future__ import annotations
@@ -45,17 +44,27 @@ KNOWN_LOG_LINES: tuple[str, ...] = (
     "Trainer already configured with model summary callbacks",
 )
 LIGHTNING_INFO_LOGGER = "pytorch_lightning.utilities.rank_zero"
+# transformers' notice when a generated token equals the pad token and the model got no attention mask. Caption
+# generation has no padding (every row's prefix has the same length), so its mask is all ones, which generate()
+# drops before the forward pass; the notice then fires the first time the model samples its pad token.
+TRANSFORMERS_LOGGER = "transformers.modeling_utils"
+KNOWN_TRANSFORMERS_LINES: tuple[str, ...] = ("We strongly recommend passing in an `attention_mask`",)
 
 
 class _DropKnownLines(logging.Filter):
+    def __init__(self, lines: tuple[str, ...]) -> None:
+        super().__init__()
+        self.lines = lines
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(KNOWN_LOG_LINES)
+        return not str(record.msg).startswith(self.lines)
 
 
 def quiet_known_warnings() -> None:
     """Install the filters for this process (idempotent: warnings.filterwarnings replaces an equal filter)."""
     for pattern, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern, category=category)
-    logger = logging.getLogger(LIGHTNING_INFO_LOGGER)
-    if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
-        logger.addFilter(_DropKnownLines())
+    for name, lines in ((LIGHTNING_INFO_LOGGER, KNOWN_LOG_LINES), (TRANSFORMERS_LOGGER, KNOWN_TRANSFORMERS_LINES)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnownLines) for f in logger.filters):
+            logger.addFilter(_DropKnownLines(lines))
