@@ -126,26 +126,31 @@ def test_known_notices_are_silenced_by_their_exact_message_only() -> None:
     assert [str(w.message) for w in caught] == ["something else is deprecated", "Your `IterableDataset` is empty"]
 
 
-def test_lightnings_adverts_are_left_out_of_the_log_and_its_other_lines_kept(caplog) -> None:
-    from capdiff.quiet import LIGHTNING_INFO_LOGGER, quiet_known_warnings
+@pytest.mark.parametrize(
+    ("logger_name", "dropped", "kept"),
+    [
+        (  # Lightning's adverts
+            "pytorch_lightning.utilities.rank_zero",
+            "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]",
+            "GPU available: False, used: False",
+        ),
+        (  # caption generation's all-ones attention mask, dropped by transformers' generate()
+            "transformers.modeling_utils",
+            "We strongly recommend passing in an `attention_mask` since your input_ids may be padded.",
+            "Some weights of the model checkpoint were not used",
+        ),
+    ],
+)
+def test_known_log_lines_are_left_out_and_the_loggers_other_lines_kept(caplog, logger_name, dropped, kept) -> None:
+    from capdiff.quiet import LIGHTNING_INFO_LOGGER, TRANSFORMERS_LOGGER, quiet_known_warnings
 
+    assert logger_name in (LIGHTNING_INFO_LOGGER, TRANSFORMERS_LOGGER)
     quiet_known_warnings()
-    lightning = logging.getLogger(LIGHTNING_INFO_LOGGER)
-    with caplog.at_level(logging.INFO, logger=LIGHTNING_INFO_LOGGER):
-        lightning.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
-        lightning.info("GPU available: False, used: False")
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False, used: False"]
-
-
-def test_the_all_ones_attention_mask_notice_of_caption_generation_is_left_out(caplog) -> None:
-    from capdiff.quiet import TRANSFORMERS_LOGGER, quiet_known_warnings
-
-    quiet_known_warnings()
-    transformers = logging.getLogger(TRANSFORMERS_LOGGER)
-    with caplog.at_level(logging.WARNING, logger=TRANSFORMERS_LOGGER):
-        transformers.warning("We strongly recommend passing in an `attention_mask` since your input_ids may be padded.")
-        transformers.warning("Some weights of the model checkpoint were not used")
-    assert [r.getMessage() for r in caplog.records] == ["Some weights of the model checkpoint were not used"]
+    logger = logging.getLogger(logger_name)
+    with caplog.at_level(logging.INFO, logger=logger_name):
+        logger.warning(dropped)
+        logger.warning(kept)
+    assert [r.getMessage() for r in caplog.records] == [kept]
 
 
 @pytest.mark.slow  # a whole smoke run as `python train.py` runs it, ~1 min

@@ -37,6 +37,27 @@ def register_resolvers() -> None:
         )
 
 
+def is_multirun() -> bool:
+    """Whether this process is a job of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def command_line_overrides(task: list[str] | None = None) -> list | None:
+    """The command-line overrides of this Hydra run (or `task`), parsed by Hydra's own grammar; None when the
+    config was not composed by a Hydra run (`hydra.compose` in tests and notebooks)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if task is None:
+        if not HydraConfig.initialized():
+            return None
+        task = list(HydraConfig.get().overrides.task)
+    return OverridesParser.create().parse_overrides(list(task))
+
+
 def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
-from capdiff.config import apply_extras, save_resolved_config
+from capdiff.config import apply_extras, command_line_overrides, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
@@ -48,16 +48,10 @@ INTRINSIC = ("image_size", "caption_key")
 
 def explicit_data_keys() -> set[str] | None:
     """The `data.*` keys set on this command line (None when the config was not composed by a Hydra run)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
+    overrides = command_line_overrides()
+    if overrides is None:
         return None
-    keys = set()
-    for override in HydraConfig.get().overrides.task:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("data."):
-            keys.add(key[len("data.") :].split(".")[0])
-    return keys
+    return {o.key_or_group.split(".")[1] for o in overrides if o.key_or_group.startswith("data.")}
 
 
 def follow_run(cfg: DictConfig, run: dict | None, image_size: int, explicit: set[str] | None) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from capdiff.config import command_line_overrides, is_multirun
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -38,53 +40,37 @@ def has_api_key() -> bool:
 def sweep_group(default: str) -> str:
     """In a Hydra multirun, `<task>-<sweep folder>`, so a sweep's jobs share a group; else `default`."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized():
-        return default
-    hydra = HydraConfig.get()
-    if hydra.mode == RunMode.MULTIRUN:
-        return f"{default}-{Path(hydra.sweep.dir).name}"
+    if is_multirun():
+        return f"{default}-{Path(HydraConfig.get().sweep.dir).name}"
     return default
-
-
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _swept_keys(hydra) -> set[str]:
     """The keys a sweep varies: the sweeper's `params` (e.g. an Optuna search space), and the command-line
     overrides written with sweep syntax (`a=1,2`, `range(...)`, `choice(...)`) in the sweep's multirun.yaml.
     Empty when neither can be read (a launcher whose jobs cannot see the sweep folder)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     keys = set((hydra.sweeper.get("params") or {}).keys())
     saved = Path(hydra.sweep.dir) / "multirun.yaml"
     if saved.is_file():
         task = OmegaConf.select(OmegaConf.load(saved), "hydra.overrides.task") or []
-        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()}
+        keys |= {o.key_or_group for o in command_line_overrides(list(task)) if o.is_sweep_override()}
     return keys
 
 
 def sweep_run_name() -> str | None:
     """In a Hydra multirun, the job's overrides as `key=value,key=value`: only the swept keys when the sweep's
     own overrides can be read, else all of them, and never the `NOISY_OVERRIDES`. None outside a multirun."""
-    if not _is_multirun():
+    if not is_multirun():
         return None
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    hydra = HydraConfig.get()
     overrides = [
-        o
-        for o in OverridesParser.create().parse_overrides(list(hydra.overrides.task))
-        if o.key_or_group.replace("/", ".").split(".")[0] not in NOISY_OVERRIDES
+        o for o in command_line_overrides() if o.key_or_group.replace("/", ".").split(".")[0] not in NOISY_OVERRIDES
     ]
-    swept = _swept_keys(hydra)
+    swept = _swept_keys(HydraConfig.get())
     chosen = [o for o in overrides if o.key_or_group in swept] or overrides
     return ",".join(o.input_line.lstrip("+~") for o in chosen) or None
 
@@ -194,13 +180,7 @@ def wandb_identity(loggers: list) -> dict[str, str | None] | None:
 
 
 def _given_on_command_line(key: str) -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    if not HydraConfig.initialized():
-        return False
-    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return any(o.key_or_group == key for o in overrides)
+    return any(o.key_or_group == key for o in command_line_overrides() or [])
 
 
 def link_to_training(cfg, identity: dict | None) -> None:

@@ -67,6 +67,7 @@ class JointModule(pl.LightningModule):
         self.skipped_steps = 0
         self._nonfinite_terms: str | None = None  # set by a non-finite micro-batch: its optimizer step is skipped
         self.step_skipped = False  # whether the last optimizer step was skipped (the EMA callback reads it)
+        self._parts_record: dict | None = None  # what checkpoints carry to rebuild the model (on_save_checkpoint)
         contrastive = dict(contrastive or {})
         embed_dim = int(contrastive.get("embed_dim", 256))
 
@@ -367,8 +368,11 @@ class JointModule(pl.LightningModule):
         repair_epoch_progress(checkpoint)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Every part's config and the tokenizer's files, so the checkpoint loads anywhere (capdiff.portable).
-        checkpoint[PARTS_KEY] = describe_parts(self)
+        # Every part's config and the tokenizer's files, so the checkpoint loads anywhere (capdiff.portable);
+        # they do not change during a run, so they are gathered (the tokenizer written out and read back) once.
+        if self._parts_record is None:
+            self._parts_record = describe_parts(self)
+        checkpoint[PARTS_KEY] = self._parts_record
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:

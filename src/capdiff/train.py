@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from capdiff.checkpoints import StreamingCheckpointIO
-from capdiff.config import apply_extras, save_resolved_config
+from capdiff.config import apply_extras, is_multirun, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
 from capdiff.models.compatibility import check_parts
@@ -145,9 +145,8 @@ def check_multirun_strategy(cfg: DictConfig) -> None:
     """Lightning's `strategy=ddp` starts the other ranks by running the same command again; under a local
     `-m` that command is the whole sweep, so every rank would start its own sweep. Refuse it up front."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+    if not is_multirun():
         return
     trainer = cfg.trainer
     strategy = str(trainer.get("strategy") or "")
