@@ -49,7 +49,7 @@ QUICK_DATA = ["data.shapes.num_train=512", "data.shapes.num_val=64", "data.sampl
 
 
 def build_tiny(args: argparse.Namespace, overrides: list[str] = ()):
-    """The default (tiny) JointModule and its data module, built exactly as train.py builds them."""
+    """The default (tiny) JointModule (the LightningModule) and its data module, built as train.py builds them."""
     from capdiff.train import build_datamodule, build_model
 
     cfg = compose([*FAST_AUTOENCODER, *(QUICK_DATA if args.quick else []), *overrides], args.data_dir)

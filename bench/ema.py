@@ -45,7 +45,7 @@ def run_variant(name: str, phase: str, quick: bool, updates: int) -> dict:
     (`phase`); the seconds per update and the peak memory the phase added."""
     from diffusers.training_utils import EMAModel
 
-    from capdiff.callbacks import EMA
+    from capdiff.training.ema import EMA
 
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s)) for s in unet_shapes(quick)]

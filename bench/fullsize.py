@@ -117,7 +117,7 @@ def main() -> None:
         "callbacks.periodic_eval=null", "callbacks.model_checkpoint.save_top_k=0",
         "callbacks.model_checkpoint.monitor=null", "logger=csv",
         "+callbacks.throughput._target_=pytorch_lightning.callbacks.ThroughputMonitor",
-        "+callbacks.throughput.batch_size_fn._target_=capdiff.callbacks.batch_size",
+        "+callbacks.throughput.batch_size_fn._target_=capdiff.data.datamodule.batch_size",
         "+callbacks.throughput.batch_size_fn._partial_=true",
     ]  # fmt: skip
     phases = {"train": run("train", [*training, "trainer.max_epochs=1"], env, work / "train.log")}

@@ -39,7 +39,7 @@ def build(folder: Path, image_size: int, checkpointing: bool, channels_last: boo
         cfg.model.unet.gradient_checkpointing = checkpointing
         cfg.model.speed = {"channels_last": channels_last, "compile": {"unet": compile_unet}}
     model = instantiate(cfg.model)
-    model.llm.lm.resize_token_embeddings(50257)  # GPT-2's real vocabulary: its output layer is a real cost
+    model.model.llm.lm.resize_token_embeddings(50257)  # GPT-2's real vocabulary: its output layer is a real cost
     return model
 
 
@@ -64,15 +64,17 @@ def measure(model, batch: dict, device: str, dtype, steps: int, warmup: int, une
     model.use_channels_last(device)  # model.speed.channels_last, as the Trainer's setup applies it
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device != "mps")
-    cond = torch.randn(batch["pixels"].shape[0], 40, model.diffusion.unet.config.cross_attention_dim, device=device)
+    cond = torch.randn(
+        batch["pixels"].shape[0], 40, model.model.diffusion.unet.config.cross_attention_dim, device=device
+    )
 
     def step() -> None:
         with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
             if unet_only:
                 latents = (batch["latent_mean"] + batch["latent_std"] * torch.randn_like(batch["latent_std"])) * 0.18215
-                loss = model.diffusion.loss(latents, cond)
+                loss = model.model.diffusion.loss(latents, cond)
             else:
-                loss = model.losses(batch, "train")["loss"]
+                loss = model.model.losses(batch, "train")["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -127,7 +129,7 @@ def main() -> None:
         for name, options in variants.items():
             model = build(folder, size, **options)
             with torch.no_grad():
-                mean, std = model.diffusion.to(device).posterior(pixels)
+                mean, std = model.model.diffusion.to(device).posterior(pixels)
             cached = batch | {"latent_mean": mean, "latent_std": std}
             for label, data, unet_only in (
                 ("joint", batch, False),

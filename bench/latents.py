@@ -28,7 +28,8 @@ def joint_steps(model, data: list[dict], optimizer) -> None:
 
 def tiny(args, rounds: int) -> float:
     torch.manual_seed(0)
-    _, datamodule, model = build_tiny(args)
+    _, datamodule, module = build_tiny(args)
+    model = module.model
     model.train()
     on_the_fly = batches(datamodule, 2 if args.quick else 8)
     cached = []

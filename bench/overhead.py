@@ -62,7 +62,7 @@ def bare_run(model, data: list[dict]) -> float:
     starts = []
     for batch in data:
         starts.append(time.perf_counter())
-        loss = model.losses(batch, "train")["loss"]
+        loss = model.model.losses(batch, "train")["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

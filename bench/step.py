@@ -14,7 +14,7 @@ import torch
 from common import batches, build_tiny, interleaved, median, parser, ratio_line, show, spread
 
 from capdiff.data.transforms import as_unit
-from capdiff.losses import caption_loss
+from capdiff.models.language import caption_loss
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -28,7 +28,8 @@ def main() -> None:
     args = parser(__doc__.split("\n")[0]).parse_args()
     rounds = 1 if args.quick else args.rounds
     torch.manual_seed(0)
-    _, datamodule, model = build_tiny(args)
+    _, datamodule, module = build_tiny(args)
+    model = module.model
     model.train()
     batch = batches(datamodule, 1)[0]
     pixels, captions = as_unit(batch["pixels"]), batch["captions"]
@@ -41,7 +42,7 @@ def main() -> None:
         caption_loss(out["logits"], out["labels"]).backward()
 
     def text_condition() -> None:
-        model._condition(captions, embed=True)["cond"].sum().backward()
+        model.encode_text(captions, embed=True)["cond"].sum().backward()
 
     def unet() -> None:
         model.diffusion.loss(latents, cond["cond"], cond["cond_mask"]).backward()

@@ -59,7 +59,7 @@ def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list
     torch.manual_seed(0)
     cfg = compose([*quick_overrides(args), f"data.batch_size={batch_size}"], args.data_dir)
     datamodule = build_datamodule(cfg)
-    diffusion = build_model(cfg, datamodule).diffusion.train()
+    diffusion = build_model(cfg, datamodule).model.diffusion.train()
     condition = AttributeTokens(diffusion.unet.config.cross_attention_dim)
     params = [*diffusion.unet.parameters(), *condition.parameters()]
     lr = float(cfg.model.optim.groups.unet.get("lr", cfg.model.optim.lr))

@@ -57,15 +57,14 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 @pytest.fixture(scope="session")
 def smoke_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder with the smoke experiment's shapes, tokenizer and first-stage autoencoder, made once."""
-    from capdiff.stages import prepare_autoencoder, prepare_tokenizer
+    from capdiff.artifacts import derive_parts
     from capdiff.train import build_datamodule
     from tests.helpers import compose_config
 
     root = tmp_path_factory.mktemp("smoke")
     cfg = compose_config(root, ["experiment=smoke"])
     datamodule = build_datamodule(cfg)
-    prepare_tokenizer(cfg, datamodule)
-    prepare_autoencoder(cfg, datamodule)
+    derive_parts(cfg, datamodule)
     return root
 
 

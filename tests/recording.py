@@ -28,10 +28,11 @@ class RecordSteps(pl.Callback):
         self.micro_batch = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.weights[trainer.global_step] = trainable(pl_module)
-        diffusion = pl_module.diffusion
+        self.weights[trainer.global_step] = trainable(pl_module.model)
+        model = pl_module.model
+        diffusion = model.diffusion
         add_noise, sample_latents = diffusion.scheduler.add_noise, diffusion.sample_latents
-        dropout_mask, losses = pl_module.caption_dropout_mask, pl_module.losses
+        dropout_mask, losses = model.caption_dropout_mask, model.losses
 
         def recorded_noise(latents, noise, timesteps):
             self.current |= {"noise": noise.detach().cpu(), "timesteps": timesteps.cpu()}
@@ -47,14 +48,14 @@ class RecordSteps(pl.Callback):
             self.current["dropped"] = mask.cpu()
             return mask
 
-        def poisoned(batch, stage, batch_idx=0):
-            out = losses(batch, stage, batch_idx)
+        def poisoned(batch, stage, batch_idx=0, **kwargs):
+            out = losses(batch, stage, batch_idx, **kwargs)
             if stage == "train" and self.poison == [trainer.global_rank, self.micro_batch]:
                 out = {k: v * float("nan") for k, v in out.items()}
             return out
 
         diffusion.scheduler.add_noise, diffusion.sample_latents = recorded_noise, recorded_draw
-        pl_module.caption_dropout_mask, pl_module.losses = recorded_mask, poisoned
+        model.caption_dropout_mask, model.losses = recorded_mask, poisoned
 
     def on_train_batch_start(self, trainer, pl_module, batch: dict, batch_idx: int) -> None:
         self.current = {"keys": list(batch["keys"])}
@@ -64,11 +65,11 @@ class RecordSteps(pl.Callback):
         self.records.append(self.current)
         self.micro_batch += 1
         if trainer.global_step not in self.weights:
-            self.weights[trainer.global_step] = trainable(pl_module)
+            self.weights[trainer.global_step] = trainable(pl_module.model)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ema = _ema(trainer)
-        conv = pl_module.diffusion.unet.conv_in.weight
+        conv = pl_module.model.diffusion.unet.conv_in.weight
         state = {
             "records": self.records,
             "weights": self.weights,
@@ -82,3 +83,25 @@ class RecordSteps(pl.Callback):
 
 def _ema(trainer: pl.Trainer):
     return next(c for c in trainer.callbacks if type(c).__name__ == "EMA")
+
+
+class FinalWeights(pl.Callback):
+    """Any recipe: its plain model's trainable weights when training starts and when it ends, the step count
+    and the EMA's update count, written to `<out>/rank<r>.pt`."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.first: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.first = trainable(pl_module.model)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        state = {
+            "first": self.first,
+            "last": trainable(pl_module.model),
+            "global_step": trainer.global_step,
+            "ema_updates": _ema(trainer).updates,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, self.out / f"rank{trainer.global_rank}.pt")

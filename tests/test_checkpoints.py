@@ -14,8 +14,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from capdiff.checkpoints import StreamingCheckpointIO, remove_orphans
-from capdiff.ranks import host_tag
+from capdiff.checkpoints.io import StreamingCheckpointIO, remove_orphans
+from capdiff.distributed import host_tag
 from capdiff.train import train
 from tests.helpers import REPO
 
@@ -23,7 +23,7 @@ from tests.helpers import REPO
 # write takes long enough to be interrupted), the way a trainer's checkpoint IO is called.
 WRITER = """
 import sys, torch
-from capdiff.checkpoints import StreamingCheckpointIO
+from capdiff.checkpoints.io import StreamingCheckpointIO
 io = StreamingCheckpointIO()
 io.save_checkpoint({"step": 1, "weights": torch.arange(10.0)}, sys.argv[1])
 print("first", flush=True)

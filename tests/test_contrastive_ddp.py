@@ -1,16 +1,21 @@
-"""The contrastive loss on 2 CPU processes (gloo) equals the single-process loss over the concatenated batch."""
+"""The contrastive loss on 2 CPU processes (gloo), gathered by Lightning's collective as training gathers it,
+equals the single-process loss over the concatenated batch."""
 
 from __future__ import annotations
 
 import os
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from pytorch_lightning import LightningModule
+from pytorch_lightning.strategies import DDPStrategy
 
-from capdiff.losses import contrastive_loss
+from capdiff.distributed import gather_rows
+from capdiff.models.contrastive import contrastive_loss
 
 BATCH, DIM, WORLD = 8, 5, 2
 
@@ -29,7 +34,10 @@ def _rank(rank: int, port: int, out: str) -> None:
         image = image[rows].clone().requires_grad_(True)
         text = text[rows].clone().requires_grad_(True)
         scale = torch.tensor(7.0, requires_grad=True)
-        loss = contrastive_loss(image, text, scale)
+        module = LightningModule()
+        # what a DDP trainer gives the module: its strategy's all_gather, its rank and world size
+        module._trainer = SimpleNamespace(strategy=DDPStrategy(), world_size=WORLD, global_rank=rank)
+        loss = contrastive_loss(image, text, scale, gather=gather_rows(module))
         loss.backward()
         torch.save(
             {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": scale.grad},

@@ -26,21 +26,21 @@ class Poison(pl.Callback):
         self.batches = batches
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        losses = pl_module.losses
+        losses = pl_module.model.losses
 
-        def poisoned(batch: dict, stage: str, batch_idx: int = 0) -> dict:
-            out = losses(batch, stage, batch_idx)
+        def poisoned(batch: dict, stage: str, batch_idx: int = 0, **kwargs) -> dict:
+            out = losses(batch, stage, batch_idx, **kwargs)
             if stage == "train" and trainer.current_epoch == 0 and batch_idx in self.batches:
                 out["diffusion_loss"] = out["diffusion_loss"] * float("nan")
                 out["loss"] = out["loss"] * float("nan")
             return out
 
-        pl_module.losses = poisoned
+        pl_module.model.losses = poisoned
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(smoke_cfg, tmp_path: Path, precision: str) -> None:
-    overrides = ["model.nonfinite.max_skips=2", f"trainer.precision={precision}"]
+    overrides = ["callbacks.nonfinite.max_skips=2", f"trainer.precision={precision}"]
     metrics = train(smoke_cfg(*overrides), extra_callbacks=[Poison({1, 2})])
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     # 4 batches, 2 skipped: the loop's step counter advances, but no weight saw an update for them
@@ -56,24 +56,27 @@ def test_a_nonfinite_step_is_skipped_under_a_loss_scaler(smoke_cfg) -> None:
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     from capdiff.train import build_datamodule, build_model
+    from capdiff.training.nonfinite import NonFiniteGuard
 
-    cfg = smoke_cfg("model.nonfinite.max_skips=2")
+    cfg = smoke_cfg()
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule)
     scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=1, plugins=[scaled], gradient_clip_val=1.0, logger=False,
-        enable_checkpointing=False, callbacks=[Poison({1, 2})], limit_val_batches=0, enable_progress_bar=False,
+        enable_checkpointing=False, callbacks=[Poison({1, 2}), guard := NonFiniteGuard(max_skips=2)],
+        limit_val_batches=0, enable_progress_bar=False,
     )  # fmt: skip
     trainer.fit(model, datamodule=datamodule)
-    assert trainer.global_step == 4 and model.skipped_steps == 2
+    assert trainer.global_step == 4 and guard.skipped == 2
 
 
 def test_too_many_nonfinite_losses_stop_the_run_with_a_checkpoint(smoke_cfg, tmp_path: Path) -> None:
-    with pytest.raises(FloatingPointError, match=r"model.nonfinite.max_skips=1.*nonfinite-step000002.ckpt"):
-        train(smoke_cfg("model.nonfinite.max_skips=1"), extra_callbacks=[Poison({1, 2})])
+    with pytest.raises(FloatingPointError, match=r"callbacks.nonfinite.max_skips=1.*nonfinite-step000002.ckpt"):
+        train(smoke_cfg("callbacks.nonfinite.max_skips=1"), extra_callbacks=[Poison({1, 2})])
     saved = torch.load(tmp_path / "run" / "checkpoints" / "nonfinite-step000002.ckpt", weights_only=True)
-    assert saved["global_step"] == 2  # batch 0 trained, batch 1 skipped, batch 2 the one too many
+    # batch 0 trained, batch 1 skipped, batch 2 the one too many; saved after it, so a resume goes on with batch 3
+    assert saved["global_step"] == 3
     assert {float(s["step"]) for s in saved["optimizer_states"][0]["state"].values()} == {1.0}
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 

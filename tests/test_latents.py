@@ -12,11 +12,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
+from capdiff.artifacts import prepare_latents
 from capdiff.data.cache_latents import MANIFEST, cache_latents, check_cache, main, vae_fingerprint
 from capdiff.data.decode import BadSample, CaptionKey
-from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
+from capdiff.data.streams import DecodeSpec, collate, decode_sample
 from capdiff.data.transforms import as_unit
-from capdiff.stages import prepare_latents
 from capdiff.train import build_datamodule, build_model
 from tests.helpers import good_members, write_tar
 
@@ -111,10 +111,10 @@ def test_the_command_line_caches_with_a_saved_vae(tmp_path: Path, capsys) -> Non
 
 def test_training_from_cached_latents_gives_the_same_loss_as_encoding_on_the_fly(smoke_cfg) -> None:
     plain_data = build_datamodule(smoke_cfg())
-    model = build_model(smoke_cfg(), plain_data)
+    model = build_model(smoke_cfg(), plain_data).model
     cached_cfg = smoke_cfg("data.latents=true")
     cached_data = build_datamodule(cached_cfg)
-    cache = prepare_latents(cached_cfg, cached_data, build_model(cached_cfg, cached_data).diffusion.vae)
+    cache = prepare_latents(cached_cfg, cached_data, build_model(cached_cfg, cached_data).model.diffusion.vae, "vae")
     cache.encode(cached_data, model.diffusion.vae, rank=0, world_size=1, device="cpu")  # what fit's set-up does
     assert cached_data.reading_latents and "latents" in cached_data.train_urls[0]
 

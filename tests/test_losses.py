@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capdiff.losses import IGNORE, caption_loss, contrastive_loss, diffusion_loss
-from capdiff.models.contrastive import LogitScale
+from capdiff.models.contrastive import LogitScale, contrastive_loss
+from capdiff.models.diffusion import diffusion_loss
+from capdiff.models.language import IGNORE, caption_loss
 
 
 def test_diffusion_loss_is_plain_mse_without_min_snr() -> None:

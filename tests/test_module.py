@@ -1,7 +1,9 @@
-"""The JointModule: parts, trainable parameters, dimension checks, and that it learns."""
+"""The joint model and its LightningModule: parts, trainable parameters, config and dimension checks, the
+optimizer and its schedule, and that it learns."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -9,17 +11,25 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
+from capdiff.joint import JointModel, JointModule
+from capdiff.joint.spec import Optim, parse
 from capdiff.models.contrastive import LogitScale
-from capdiff.module import JointModule, warmup_cosine
 from capdiff.train import build_datamodule, build_model, check_config, train
+from capdiff.training.optimization import build_optimizer, param_groups, warmup_cosine
 from tests.helpers import REPO
 
 
-def build(cfg) -> tuple[JointModule, dict]:
+def build_module(cfg) -> tuple[JointModule, dict]:
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg, datamodule)
+    module = build_model(cfg, datamodule)
     batch = next(iter(datamodule.val_dataloader()))
-    return model, batch
+    return module, batch
+
+
+def build(cfg) -> tuple[JointModel, dict]:
+    """The plain model as training builds it (its freezing policy applied) and a validation batch."""
+    module, batch = build_module(cfg)
+    return module.model, batch
 
 
 def trainable(model: torch.nn.Module, prefix: str) -> set[str]:
@@ -59,13 +69,13 @@ def test_a_zero_weight_term_is_not_computed_and_its_parts_get_no_optimizer_state
     assert model.diffusion is None and model.conditioner is None and model.logit_scale is None
     assert set(model.losses(batch, "train")) == {"caption_loss", "loss"}
     assert not trainable(model, "vision.to_embed")
-    assert set(model.param_groups()) == {"llm", "vision", "heads"}
+    assert set(param_groups(model)) == {"llm", "vision", "heads"}
 
     model, batch = build(smoke_cfg("model.loss.weights.caption=0", "model.loss.weights.contrastive=0"))
     assert model.vision is None and model.logit_scale is None
     assert set(model.losses(batch, "train")) == {"diffusion_loss", "loss"}
     assert not trainable(model, "conditioner.to_embed")
-    grouped = {n for named in model.param_groups().values() for n, _ in named}
+    grouped = {n for named in param_groups(model).values() for n, _ in named}
     assert grouped == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("conditioner.to_embed") for n in grouped)
 
@@ -81,7 +91,7 @@ def test_without_diffusion_grad_the_diffusion_loss_trains_the_connector_but_not_
     diffusion_only = OmegaConf.load(REPO / "conf" / "experiment" / "diffusion_only.yaml")
     model, _ = build(OmegaConf.merge(smoke_cfg(), diffusion_only))
     assert not trainable(model, "llm.")  # nothing trains it: no optimizer state, no DDP sync
-    assert "llm" not in model.param_groups()
+    assert "llm" not in param_groups(model)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +133,21 @@ def test_a_few_steps_on_one_batch_lower_every_term(smoke_cfg) -> None:
         assert last[term] < limit * first[term], (term, first[term], last[term])
 
 
+def test_a_misspelt_key_fails_before_anything_is_built_and_names_the_valid_ones(smoke_cfg) -> None:
+    cfg = smoke_cfg("+model.loss.weights.captions=1")
+    misspelt = r"model.loss.weights.captions is not a key of model.loss.weights: the valid ones are diffusion, "
+    with pytest.raises(ValueError, match=misspelt + "caption, contrastive"):
+        check_config(cfg)  # what train.py runs before any shard, tokenizer or autoencoder is touched
+    with pytest.raises(ValueError, match=misspelt):
+        build(cfg)
+    with pytest.raises(ValueError, match=r"model.llm.max_tokens: Value 'many'"):
+        JointModel.from_config({"llm": {"max_tokens": "many"}})
+    with pytest.raises(ValueError, match=r"model.optim.lrr is not a key of model.optim: the valid ones are lr, "):
+        build(smoke_cfg("+model.optim.lrr=0.1"))
+    with pytest.raises(ValueError, match=r"model.optim.groups: \['unets'\] are not parts; the parts are llm"):
+        build_module(smoke_cfg("+model.optim.groups.unets.lr=0.1"))[0].configure_optimizers()
+
+
 def test_the_schedule_reads_a_lazy_length_once_and_only_when_the_decay_starts() -> None:
     calls = []
 
@@ -136,6 +161,26 @@ def test_the_schedule_reads_a_lazy_length_once_and_only_when_the_decay_starts() 
     assert fixed(50) == pytest.approx(0.1) and fixed(10) == 1.0
 
 
+def test_the_schedule_warms_up_then_decays_to_its_floor_at_the_runs_last_step(smoke_cfg) -> None:
+    from types import SimpleNamespace
+
+    model, _ = build(smoke_cfg())
+    trainer = SimpleNamespace(estimated_stepping_batches=50, precision_plugin=SimpleNamespace())
+    optim = parse(Optim, {"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1, "groups": {"unet": {"lr": 2.0}}}, "o")
+    configured = build_optimizer(model, optim, trainer)
+    optimizer, scheduler = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(51):
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    assert lrs[4]["llm"] == pytest.approx(0.5) and lrs[4]["unet"] == pytest.approx(1.0)  # linear warm-up
+    assert lrs[10]["llm"] == pytest.approx(1.0) and lrs[10]["unet"] == pytest.approx(2.0)
+    assert all(a["llm"] >= b["llm"] for a, b in itertools.pairwise(lrs[10:]))
+    assert lrs[30]["llm"] == pytest.approx(0.55)  # half-way down the cosine to the floor
+    assert lrs[50]["llm"] == pytest.approx(0.1) and lrs[50]["unet_no_decay"] == pytest.approx(0.2)
+
+
 class Watch(pl.Callback):
     """Training mode of the parts at every training batch; the logit scale's gradient and value around each
     optimizer step; the UNet's output dtype while sampling (sample grids, periodic evaluation)."""
@@ -147,7 +192,8 @@ class Watch(pl.Callback):
         self._grad = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        generate, sampling = pl_module.generate, {"on": False}
+        model = pl_module.model
+        generate, sampling = model.generate, {"on": False}
 
         def watched(*args, **kwargs):
             sampling["on"] = True
@@ -160,13 +206,14 @@ class Watch(pl.Callback):
             if sampling["on"]:
                 self.sampling_dtypes.add(output.sample.dtype)
 
-        pl_module.generate = watched
-        pl_module.diffusion.unet.register_forward_hook(record)
+        model.generate = watched
+        model.diffusion.unet.register_forward_hook(record)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        parts = {"llm": pl_module.llm.lm, "unet": pl_module.diffusion.unet, "vae": pl_module.diffusion.vae}
-        if pl_module.vision is not None:
-            parts["tower"] = pl_module.vision.tower
+        model = pl_module.model
+        parts = {"llm": model.llm.lm, "unet": model.diffusion.unet, "vae": model.diffusion.vae}
+        if model.vision is not None:
+            parts["tower"] = model.vision.tower
         modes = {name: part.training for name, part in parts.items()}
         for name in ("llm", "tower"):
             dropouts = [m for m in parts.get(name, torch.nn.Module()).modules() if isinstance(m, torch.nn.Dropout)]
@@ -174,12 +221,12 @@ class Watch(pl.Callback):
         self.modes.append(modes)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if pl_module.logit_scale is not None:
-            self._grad = float(pl_module.logit_scale.log_scale.grad or 0.0)
+        if pl_module.model.logit_scale is not None:
+            self._grad = float(pl_module.model.logit_scale.log_scale.grad or 0.0)
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if pl_module.logit_scale is not None:
-            self.scale.append((self._grad, float(pl_module.logit_scale.log_scale)))
+        if pl_module.model.logit_scale is not None:
+            self.scale.append((self._grad, float(pl_module.model.logit_scale.log_scale)))
 
 
 def test_the_logit_scale_keeps_its_gradient_at_the_bound_and_is_clamped_after_each_step(smoke_cfg) -> None:
@@ -260,13 +307,13 @@ def test_gradient_clipping_by_norm_and_by_value_with_fused_adamw(smoke_cfg, algo
 
     from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 
-    model, _ = build(smoke_cfg())
-    params = [p for p in model.parameters() if p.requires_grad]
+    module, _ = build_module(smoke_cfg())
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, fused=True)  # what Lightning's mixed-precision plugin refuses to clip
     for p in params:
         p.grad = torch.full_like(p, 3.0)
-    model._trainer = SimpleNamespace(strategy=SimpleNamespace(model=model), precision_plugin=SimpleNamespace())
-    model.configure_gradient_clipping(optimizer, 0.5, GradClipAlgorithmType(algorithm))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(model=module), precision_plugin=SimpleNamespace())
+    module.configure_gradient_clipping(optimizer, 0.5, GradClipAlgorithmType(algorithm))
     if algorithm == "value":
         assert all(torch.all(p.grad == 0.5) for p in params)
     else:

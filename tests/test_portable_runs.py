@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from capdiff import Pipeline, cli
+from capdiff.checkpoints.portable import PARTS_KEY, RUN_KEY, read_checkpoint
 from capdiff.evaluate import evaluate
-from capdiff.portable import PARTS_KEY, RUN_KEY, read_checkpoint
 from capdiff.train import train
 from tests.helpers import compose_config, image_bytes, run_entry_point, write_tar
 

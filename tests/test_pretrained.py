@@ -73,7 +73,7 @@ def sd15_overrides(models: dict[str, Path]) -> list[str]:
 def test_the_pretrained_preset_loads_local_folders_and_trains_a_step(smoke_cfg, saved_models) -> None:
     cfg = smoke_cfg(*sd15_overrides(saved_models))
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg, datamodule)
+    model = build_model(cfg, datamodule).model
     assert model.llm.lm.config.n_embd == 32
     # the preset's choices: frozen GPT-2 base with LoRA, frozen CLIP tower, frozen VAE, trainable UNet
     assert all("lora_" in n for n, p in model.llm.named_parameters() if p.requires_grad)
@@ -186,7 +186,7 @@ def test_hub_ids_resolve_subfolders_and_the_unet_trains_at_any_multiple_of_its_d
 ) -> None:
     cfg = compose_config(tmp_path, hub_overrides())
     check_config(cfg)
-    model = build_model(cfg, build_datamodule(cfg))
+    model = build_model(cfg, build_datamodule(cfg)).model
     unet = model.diffusion.unet
     assert unet.config.sample_size == 64 and model.diffusion.latent_size == 8  # SD-1.5's 512² default, at 64²
     assert model.diffusion.vae.config.sample_size == 256  # stabilityai/sd-vae-ft-mse, at the repo's top

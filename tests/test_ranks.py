@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from capdiff.ranks import host_tag, is_global_leader, partial_path, seed_for_rank
+from capdiff.distributed import host_tag, is_global_leader, partial_path, seed_for_rank
 
 LAUNCHERS = [
     ({}, True),  # a plain `python train.py`
@@ -39,8 +39,8 @@ def test_temporary_names_are_unique_to_host_and_process(tmp_path: Path) -> None:
 
 
 def test_a_rank_other_than_zero_waits_for_the_tokenizer_and_never_writes_it(smoke_cfg, monkeypatch) -> None:
+    from capdiff.artifacts import cache_folder, prepare_tokenizer
     from capdiff.models.tokenizer import build_byte_bpe
-    from capdiff.stages import cache_folder, prepare_tokenizer
     from capdiff.train import build_datamodule
 
     cfg = smoke_cfg("model.llm.build_tokenizer.vocab_size=290")  # a tokenizer no other test has built
@@ -49,13 +49,14 @@ def test_a_rank_other_than_zero_waits_for_the_tokenizer_and_never_writes_it(smok
     folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
     assert not folder.exists()
     monkeypatch.setenv("SLURM_PROCID", "5")
-    waiter = threading.Thread(target=prepare_tokenizer, args=(cfg, datamodule))
+    built = []
+    waiter = threading.Thread(target=lambda: built.append(prepare_tokenizer(cfg, datamodule)))
     waiter.start()
     time.sleep(2.5)
     assert waiter.is_alive() and not folder.exists()  # waiting, and not writing
     build_byte_bpe(["a red circle", "a blue square"] * 50, folder, 290)  # what global rank 0 would do
     waiter.join(timeout=10)
-    assert not waiter.is_alive() and cfg.model.llm.tokenizer == str(folder)
+    assert not waiter.is_alive() and built == [folder]
 
 
 def test_each_rank_seeds_its_own_stream(monkeypatch) -> None:

@@ -20,7 +20,7 @@ def test_the_fsdp_config_builds_lightnings_strategy_with_every_block_as_a_unit(s
 
 def test_the_default_fsdp_units_are_the_blocks_capdiffs_models_are_made_of(smoke_cfg) -> None:
     cfg = smoke_cfg()
-    model = build_model(cfg, build_datamodule(cfg))
+    model = build_model(cfg, build_datamodule(cfg)).model
     present = {type(m) for m in model.modules()}
     for path in DEFAULT_WRAP:  # a renamed block class would silently stop sharding: fail here instead
         assert import_class(path) in present, path

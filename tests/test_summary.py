@@ -14,9 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from capdiff.callbacks import SampleGrid
 from capdiff.evaluation.callback import PeriodicEval
 from capdiff.summary import ModelSummary, run_summary
+from capdiff.training.samples import SampleGrid
 from tests.helpers import run_entry_point
 
 # What the libraries print, as they print it (not capdiff's filter patterns).

@@ -12,8 +12,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
 
-from capdiff.module import JointModule
+from capdiff.joint import JointModule
 from capdiff.train import train
 from tests.helpers import good_members, run_entry_point, write_tar
 
@@ -98,11 +99,11 @@ def test_load_from_checkpoint_under_weights_only(smoke_cfg, tmp_path: Path) -> N
     checkpoint = torch.load(path, weights_only=True)  # plain types only: no DictConfig, no pickled objects
     assert isinstance(checkpoint["hyper_parameters"]["llm"], dict)
     model = JointModule.load_from_checkpoint(path, map_location="cpu")
-    assert model.weights == {"diffusion": 1.0, "caption": 1.0, "contrastive": 0.1}
+    assert model.model.weights == {"diffusion": 1.0, "caption": 1.0, "contrastive": 0.1}
     state = checkpoint["state_dict"]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, state[name])
-    images = model.generate(["a red circle"], steps=2, guidance_scale=2.0)
+    images = model.model.generate(["a red circle"], steps=2, guidance_scale=2.0)
     assert images.shape == (1, 3, 32, 32)
     assert "EMA" in checkpoint["callbacks"]
 
@@ -154,6 +155,7 @@ def test_the_autoencoder_stage_alone_retrains_and_saves_a_diffusers_vae(smoke_cf
     cfg = smoke_cfg("stage=autoencoder")
     metrics = train(cfg)
     assert metrics["autoencoder/val_rec_loss"] > 0
-    vae = AutoencoderKL.from_pretrained(cfg.model.vae.name_or_path)
+    recorded = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml")  # where the run put it
+    vae = AutoencoderKL.from_pretrained(recorded.model.vae.name_or_path)
     assert vae.config.scaling_factor != 0.18215  # measured on the data, not the SD default
     assert vae.config.block_out_channels == [16, 32]

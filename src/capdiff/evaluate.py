@@ -14,14 +14,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
+from capdiff.checkpoints.portable import load_checkpoint, read_checkpoint, read_run
 from capdiff.config import apply_extras, command_line_overrides, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
 from capdiff.evaluation.runner import EvalSettings, Evaluator
 from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
+from capdiff.evaluation.validation import ValidationLosses
+from capdiff.joint.model import JointModel
 from capdiff.loggers import link_to_training, log_eval_tables, run_loggers
-from capdiff.module import JointModule
-from capdiff.portable import load_checkpoint, read_checkpoint, read_run
 from capdiff.quiet import quiet_known_warnings
 from capdiff.train import instantiate_data, prepare_datamodule
 
@@ -171,7 +172,7 @@ def fid_feature(cfg: DictConfig, shapes: bool) -> tuple[str | None, str | None]:
 
 
 def build_evaluator(
-    cfg: DictConfig, model: JointModule, datamodule, settings: EvalSettings, feature: str | None
+    cfg: DictConfig, model: JointModel, datamodule, settings: EvalSettings, feature: str | None
 ) -> Evaluator:
     ev = cfg.eval
     shapes = isinstance(datamodule, ShapesDataModule)
@@ -233,7 +234,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with run_loggers(cfg) as loggers:
         bar = RichProgressBar(leave=True)
         trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[bar])
-        (losses,) = trainer.validate(model, datamodule=datamodule)
+        (losses,) = trainer.validate(ValidationLosses(model), datamodule=datamodule)
         evaluator = build_evaluator(cfg, model, datamodule, settings, feature)
         model.eval()
         trainer.test(evaluator, datamodule=datamodule)

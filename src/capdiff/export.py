@@ -21,8 +21,9 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from capdiff.module import JointModule
-from capdiff.portable import load_checkpoint
+from capdiff.checkpoints.portable import load_checkpoint, model_config
+from capdiff.joint.model import JointModel
+from capdiff.joint.spec import as_dict
 
 FORMAT = 1
 PARTS = {"llm": "llm.lm.", "vision": "vision.tower.", "unet": "diffusion.unet.", "vae": "diffusion.vae."}
@@ -31,7 +32,11 @@ PARTS = {"llm": "llm.lm.", "vision": "vision.tower.", "unet": "diffusion.unet.",
 def merged(model: nn.Module) -> nn.Module:
     """A copy of `model` with its peft LoRA layers merged into plain weights: each LoRA-wrapped layer is
     replaced by its base layer holding W + BA, so the model keeps its own class and config (a diffusers UNet
-    and a transformers LM alike) and saves with its own `save_pretrained`."""
+    and a transformers LM alike) and saves with its own `save_pretrained`.
+
+    This is what peft's `merge_and_unload` does layer by layer (peft's own `merge` and `get_base_layer`), but
+    `merge_and_unload` is a method of peft's model wrapper, which capdiff does not keep: it injects LoRA in
+    place (`capdiff.models.lora`) so that each part keeps its class and its parameter names."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
@@ -48,11 +53,11 @@ SUBFOLDER_KEYS = (("llm", "name_or_path"), ("llm", "tokenizer"), ("vision", "nam
 SUBFOLDER_KEYS += (("vae", "name_or_path"),)
 
 
-def export(model: JointModule, folder: str | Path) -> Path:
+def export(model: JointModel, folder: str | Path) -> Path:
     """Write the model to `folder` (layout in the module docstring); sub-folder paths are stored relative."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    hparams = copy.deepcopy(dict(model.hparams))
+    hparams = as_dict(model.spec)
     merged(model.llm.lm).save_pretrained(folder / "llm")
     model.llm.tokenizer.save_pretrained(folder / "llm")
     hparams["llm"] = dict(hparams["llm"]) | {"name_or_path": "llm", "tokenizer": "llm", "lora": {}}
@@ -74,8 +79,8 @@ def export(model: JointModule, folder: str | Path) -> Path:
     return folder
 
 
-def load_exported(folder: str | Path) -> JointModule:
-    """The JointModule from an export folder (sub-folders by the standard loaders, then capdiff's heads)."""
+def load_exported(folder: str | Path) -> JointModel:
+    """The JointModel from an export folder (sub-folders by the standard loaders, then capdiff's heads)."""
     folder = Path(folder).resolve()
     spec_file = folder / "capdiff.json"
     if not spec_file.is_file():
@@ -85,11 +90,11 @@ def load_exported(folder: str | Path) -> JointModule:
     spec = json.loads(spec_file.read_text())
     if spec.get("format") != FORMAT:
         raise ValueError(f"{spec_file}: format {spec.get('format')} is not the supported format {FORMAT}.")
-    hparams = spec["hparams"]
+    hparams = model_config(spec["hparams"])  # exports before capdiff 0.2 carry the training settings too
     for part, key in SUBFOLDER_KEYS:
         if (hparams.get(part) or {}).get(key):
             hparams[part][key] = str(folder / hparams[part][key])
-    model = JointModule(**hparams)
+    model = JointModel.from_config(hparams)
     heads = load_file(folder / "heads.safetensors")
     missing, unexpected = model.load_state_dict(heads, strict=False)
     missing = [k for k in missing if not k.startswith(tuple(PARTS.values()))]

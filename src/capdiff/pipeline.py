@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from capdiff.checkpoints.portable import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
-from capdiff.module import JointModule
-from capdiff.portable import load_checkpoint
+from capdiff.joint.model import JointModel
 from capdiff.sampling import ddim_invert
 
 ImageLike = Image.Image | torch.Tensor
@@ -31,7 +31,7 @@ def default_device() -> torch.device:
 class Pipeline:
     """`device`: where the model runs; None picks a GPU when there is one, else the CPU."""
 
-    def __init__(self, model: JointModule, device: str | torch.device | None = None) -> None:
+    def __init__(self, model: JointModel, device: str | torch.device | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
 
@@ -50,7 +50,7 @@ class Pipeline:
 
     @property
     def image_size(self) -> int:
-        return int(self.model.hparams.get("image_size", 32))
+        return self.model.image_size
 
     def pixels(self, images: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """PIL images (any mode or size: resized and centre-cropped), uint8 C×H×W / B×C×H×W tensors, or float

@@ -22,12 +22,12 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning]]] = [
         r"Your `IterableDataset` has `__len__` defined\. In combination with multi-process data loading",
         UserWarning,
         # capdiff's training stream deals its shards to the (rank, worker) slots and cuts a fixed number of
-        # batches per worker (capdiff.data.pipeline), so `__len__` is right with any num_workers.
+        # batches per worker (capdiff.data.streams), so `__len__` is right with any num_workers.
     ),
     (
         r"Found \d+ module\(s\) in eval mode at the start of training",
         UserWarning,
-        # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModule.train).
+        # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModel.train).
     ),
     (
         r"Metric `Kernel Inception Distance` will save all extracted features in buffer",

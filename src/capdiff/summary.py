@@ -13,15 +13,15 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichModelSummary
 from pytorch_lightning.utilities.model_summary.model_summary import get_formatted_model_size, get_human_readable_count
 
-from capdiff.callbacks import SampleGrid
 from capdiff.evaluation.callback import PeriodicEval
+from capdiff.training.samples import SampleGrid
 
 EXAMPLE_PROMPT = "a large red circle in the center on a white background"
 
 
 class ModelSummary(RichModelSummary):
     """Lightning's rich model summary, less the FLOPs column and its `Total FLOPs: 0` line when FLOPs were not
-    counted: Lightning counts them only for a module with an `example_input_array`, which JointModule has not
+    counted: Lightning counts them only for a module with an `example_input_array`, which capdiff's modules have not
     (its inputs depend on the parts a run trains)."""
 
     @staticmethod

@@ -1,30 +1,29 @@
-"""The task function behind `python train.py`: data → derived artefacts → JointModule → Trainer.fit."""
+"""The task function behind `python train.py`: data → derived parts → the recipe's LightningModule → fit."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
-import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 
-from capdiff.checkpoints import StreamingCheckpointIO
+from capdiff.artifacts import DerivedParts, derive_parts, prepare_autoencoder, prepare_latents
+from capdiff.checkpoints.io import StreamingCheckpointIO
+from capdiff.checkpoints.portable import RunRecord
+from capdiff.checkpoints.resume import load_weights, resolve_ckpt_path, restore_parts
 from capdiff.config import apply_extras, is_multirun, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
-from capdiff.models.compatibility import check_parts
-from capdiff.portable import RunRecord, restore_parts
 from capdiff.quiet import quiet_known_warnings
 from capdiff.slurm import Requeue
-from capdiff.stages import prepare_autoencoder, prepare_latents, prepare_tokenizer
 from capdiff.summary import print_run_summary
+from capdiff.training.nonfinite import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -62,83 +61,21 @@ def prepare_datamodule(datamodule: ImageTextDataModule) -> ImageTextDataModule:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """The checks a run makes before any work: every pretrained part is found (hub cache, download or folder)
-    and the parts' sizes fit together, from their config files alone."""
-    check_parts(OmegaConf.to_container(cfg.model, resolve=True), int(cfg.data.image_size))
+    """The checks a run makes before any work, by the recipe's LightningModule (`check_config`): every key is
+    known, every pretrained part is found (hub cache, download or folder) and the parts' sizes fit together,
+    from their config files alone."""
+    hydra.utils.get_class(cfg.model._target_).check_config(OmegaConf.to_container(cfg.model, resolve=True))
 
 
-def build_model(cfg: DictConfig, datamodule: ImageTextDataModule):
-    """Derive what the model needs from the data (tokenizer, first stage), then build the JointModule."""
-    prepare_tokenizer(cfg, datamodule)
-    if cfg.model.loss.weights.get("diffusion"):
-        prepare_autoencoder(cfg, datamodule)
-    return instantiate(cfg.model)
+def model_config(cfg: DictConfig, derived: DerivedParts) -> DictConfig:
+    """The run's `model` config with the derived parts filled in: what builds the model, and what
+    `config.yaml` records."""
+    return OmegaConf.merge(cfg.model, derived.overrides())
 
 
-def newest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The most recently written `.ckpt` of a run folder (`last.ckpt` unless a later one exists); a sharded
-    FSDP checkpoint is a folder named `.ckpt`."""
-    folder = Path(output_dir) / "checkpoints"
-    found = list(folder.glob("*.ckpt")) if folder.is_dir() else []
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), default=None)
-
-
-def requeued() -> bool:
-    """Whether this process is a Slurm job that was requeued (preempted or timed out, then started again)."""
-    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-
-
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
-    """Where training resumes from:
-    - `last`: the newest checkpoint in this run's folder (`hydra.run.dir=<the run>`); an error if none;
-    - `auto`: the same, or a fresh start when the folder has none (what a requeued Slurm job uses);
-    - a run folder: its newest checkpoint; a file: itself; null: a fresh start.
-    """
-    if ckpt_path is None and requeued():
-        ckpt_path = "auto"
-    if ckpt_path is None:
-        return None
-    if ckpt_path in ("last", "auto"):
-        path = newest_checkpoint(output_dir)
-        if path is None and ckpt_path == "auto":
-            return None
-        path = path or Path(output_dir) / "checkpoints" / "last.ckpt"
-    else:
-        path = Path(ckpt_path)
-        if path.is_dir():
-            path = newest_checkpoint(path) or newest_checkpoint(path.parent) or path / "last.ckpt"
-    if not path.exists() or (path.is_dir() and not path.name.endswith(".ckpt")):
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path!r}: no checkpoint at {path}. Pass a .ckpt file, a run folder, or `last` "
-            "together with hydra.run.dir=<the run folder to continue> (`auto` starts fresh when there is none)."
-        )
-    return str(path)
-
-
-def load_weights(model: pl.LightningModule, init_from: str) -> None:
-    """`init_from=<file>`: start from a checkpoint's weights, with fresh optimizer, schedule and step count."""
-    path = Path(init_from)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    state = state.get("state_dict", state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [
-        f"{k} {tuple(state[k].shape)} → {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or reshaped:
-        raise ValueError(
-            f"init_from={init_from}: the checkpoint does not match this model (missing {len(missing)} keys, e.g. "
-            f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]}; other shapes {len(reshaped)}, "
-            f"e.g. {reshaped[:3]}). Build the model with the checkpoint's own `model` config (its run folder's "
-            "config.yaml)."
-        )
-    model.load_state_dict(state)
-    log.info("initialised the weights from %s", path)
+def build_model(cfg: DictConfig, datamodule: ImageTextDataModule, derived: DerivedParts | None = None):
+    """Derive what the model needs from the data (tokenizer, first stage), then build the LightningModule."""
+    return instantiate(model_config(cfg, derive_parts(cfg, datamodule, derived)))
 
 
 def check_multirun_strategy(cfg: DictConfig) -> None:
@@ -200,19 +137,26 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     datamodule = prepare_datamodule(datamodule)
     if cfg.get("stage") == "autoencoder":
         folder = prepare_autoencoder(cfg, datamodule, force=True)
-        save_resolved_config(cfg, cfg.paths.output_dir)
+        save_resolved_config(OmegaConf.merge(cfg, {"model": DerivedParts(autoencoder=str(folder)).overrides()}),
+                             cfg.paths.output_dir)  # fmt: skip
         report = json.loads((folder / "capdiff_first_stage.json").read_text())
         return {"autoencoder/val_rec_loss": report["val_rec_loss"]}
-    if ckpt_path is not None:
-        restore_parts(cfg, ckpt_path)
-    model = build_model(cfg, datamodule)
+    derived = derive_parts(cfg, datamodule, restore_parts(cfg, ckpt_path) if ckpt_path is not None else None)
+    used = cfg.copy()
+    with open_dict(used):
+        used.model = model_config(cfg, derived)
+    model = instantiate(used.model)
     if cfg.get("init_from") and ckpt_path is None:
         load_weights(model, cfg.init_from)
-    save_resolved_config(cfg, cfg.paths.output_dir)
+    save_resolved_config(used, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(record)
-    if datamodule.latents and model.diffusion is not None:
-        cache = prepare_latents(cfg, datamodule, model.diffusion.vae)  # None: the shards are cached ones already
+    if not any(isinstance(c, NonFiniteGuard) for c in callbacks):  # a NaN step never reaches the weights
+        callbacks.append(NonFiniteGuard())
+    diffusion = model.model.diffusion
+    if datamodule.latents and diffusion is not None:
+        # None: the shards are cached ones already
+        cache = prepare_latents(cfg, datamodule, diffusion.vae, str(used.model.vae.name_or_path))
         callbacks += [cache] if cache else []
     callbacks += extra_callbacks or []
     plugins: list = [StreamingCheckpointIO()]
@@ -227,7 +171,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             # The datamodule resumes its train stream mid-epoch itself (ImageTextDataModule.state_dict); this
             # warning of Lightning's looks only for a `state_dict` on the loader.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModule.train).
+            # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModel.train).
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

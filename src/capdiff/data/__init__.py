@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from capdiff.data.datamodule import ImageTextDataModule
     from capdiff.data.decode import BadSample, CaptionKey
-    from capdiff.data.pipeline import TrainStream, ValStream
     from capdiff.data.shapes import ShapesDataModule
+    from capdiff.data.streams import TrainStream, ValStream
 
 # Loaded on first use (PEP 562): the shard tools (`python -m capdiff.data.shards`, `cache_latents`) import this
 # package too, and the data modules would bring in Lightning and torch, ~6 s of start-up a shard tool never uses.
@@ -17,8 +17,8 @@ _HOMES = {
     "ImageTextDataModule": "capdiff.data.datamodule",
     "BadSample": "capdiff.data.decode",
     "CaptionKey": "capdiff.data.decode",
-    "TrainStream": "capdiff.data.pipeline",
-    "ValStream": "capdiff.data.pipeline",
+    "TrainStream": "capdiff.data.streams",
+    "ValStream": "capdiff.data.streams",
     "ShapesDataModule": "capdiff.data.shapes",
 }
 __all__ = ["BadSample", "CaptionKey", "ImageTextDataModule", "ShapesDataModule", "TrainStream", "ValStream"]

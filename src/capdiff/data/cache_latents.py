@@ -32,7 +32,7 @@ from rich.progress import Progress
 
 from capdiff.data.decode import BadSample, CaptionKey
 from capdiff.data.latent_format import LATENTS
-from capdiff.data.pipeline import DecodeSpec, collate, decode_sample
+from capdiff.data.streams import DecodeSpec, collate, decode_sample
 from capdiff.data.transforms import as_unit
 from capdiff.data.urls import count_samples, expand_urls, local_path
 

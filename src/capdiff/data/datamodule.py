@@ -14,11 +14,16 @@ from torch.utils.data import DataLoader
 
 from capdiff.data.cache_latents import cached_urls
 from capdiff.data.decode import CaptionKey, SkipCounter
-from capdiff.data.pipeline import DecodeSpec, SharedInt, TrainStream, ValStream
+from capdiff.data.streams import DecodeSpec, SharedInt, TrainStream, ValStream
 from capdiff.data.transforms import as_unit
 from capdiff.data.urls import check_local_shards, count_samples, expand_urls, local_path
 
 log = logging.getLogger(__name__)
+
+
+def batch_size(batch: dict) -> int:
+    """Samples in a batch, for Lightning's `ThroughputMonitor` (`batch_size_fn`, see conf/callbacks/default.yaml)."""
+    return len(batch["keys"])
 
 
 class EpochLoader(DataLoader):
@@ -120,7 +125,7 @@ class ImageTextDataModule(pl.LightningDataModule):
                 "them with other pixels: set data.random_crop=false (or train without cached latents)."
             )
         self.latents = latents
-        self.latents_dir = latents_dir  # read by capdiff.stages.prepare_latents
+        self.latents_dir = latents_dir  # read by capdiff.artifacts.prepare_latents
         self.reading_latents = False  # set once the shards with latents are in place (use_cached_shards)
         self.skip_counter = SkipCounter()
         self.epoch = SharedInt()

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from capdiff.data.datamodule import ImageTextDataModule
 from capdiff.data.urls import local_path
-from capdiff.ranks import is_global_leader, partial_path, wait_until
+from capdiff.distributed import is_global_leader, partial_path, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class ShapesDataModule(ImageTextDataModule):
             raise ValueError(f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed.")
 
     def prepare_data(self) -> None:
-        if self.reading_latents:  # the urls now name the cached copies (capdiff.stages.prepare_latents)
+        if self.reading_latents:  # the urls now name the cached copies (capdiff.artifacts.prepare_latents)
             return
         wait_s = 0.0 if is_global_leader() else 600.0
         if self.train_urls:

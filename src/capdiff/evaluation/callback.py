@@ -9,11 +9,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from capdiff.callbacks import sampling_mode
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
 from capdiff.evaluation.text import caption_scores
+from capdiff.training.samples import sampling_mode
 
 log = logging.getLogger(__name__)
 
@@ -80,18 +80,17 @@ class PeriodicEval(pl.Callback):
         pixels, captions = batch["pixels"].to(pl_module.device), batch["captions"]
         truth = [parse_caption(c) for c in captions]
         shapes = all(all(t.values()) for t in truth)
+        model = pl_module.model
         with sampling_mode(trainer, pl_module):
-            if pl_module.vision is not None and pl_module.weights["caption"]:
-                generated = pl_module.caption(pixels)
+            if model.can_caption:
+                generated = model.caption(pixels)
                 metrics |= caption_scores(generated, [[c] for c in captions])
                 if shapes:
                     scores = attribute_accuracy([parse_caption(g) for g in generated], truth)
                     metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
             probe = self._shapes_probe(trainer) if shapes and self.use_probe else None
-            if pl_module.diffusion is not None and probe is not None:
-                images = pl_module.generate(
-                    captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
-                )
+            if model.can_generate and probe is not None:
+                images = model.generate(captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
                 scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
                 metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
         metrics = {f"peval/{k}": v for k, v in metrics.items()}

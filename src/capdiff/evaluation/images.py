@@ -22,14 +22,14 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance  # the package only re-exports it with torch-fidelity
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from capdiff.checkpoints import atomic_save
+from capdiff.checkpoints.io import atomic_save
 from capdiff.models.hub import load_pretrained
+from capdiff.models.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger(__name__)
 
 FEATURES = ("inception", "clip", "dinov2", "probe")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def metric_names(feature: str) -> tuple[str, str]:

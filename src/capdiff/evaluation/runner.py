@@ -1,7 +1,7 @@
 """One evaluation pass over validation data, as a Lightning test loop so it runs the same on one process or
 under DDP: every rank captions and generates for its share of the validation samples, FID/KID states sync
 through torchmetrics, and lists (captions, embeddings, probe predictions) are gathered to every rank before
-the corpus-level scores are computed. The metric modules live here, never in the JointModule's state dict.
+the corpus-level scores are computed. The metric modules live here, never in the model's state dict.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.callbacks import RichProgressBar
 from rich.progress import MofNCompleteColumn, Progress
 
-from capdiff.callbacks import caption_grid
 from capdiff.data.transforms import as_unit, unit_to_uint8
+from capdiff.distributed import gather_lists
 from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features, truncate_for_clip
 from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
 from capdiff.evaluation.text import caption_scores
+from capdiff.training.samples import caption_grid
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,6 @@ class EvalSettings:
     caption: dict = field(default_factory=dict)  # generate() options: max_new_tokens, num_beams, do_sample, ...
     prompts: list[str] | None = None  # None: the validation captions
     samples_per_prompt: int = 1
-
-
-def gather(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(items)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
 
 
 def seed_for(index: int, base: int) -> int:
@@ -135,13 +126,13 @@ class Evaluator(pl.LightningModule):
         records = [
             {"key": k, "reference": c, "order": tuple(o)} for k, c, o in zip(keys, captions, orders, strict=True)
         ]
-        if model.vision is not None and model.weights["caption"]:
+        if model.can_caption:
             generated = model.caption(pixels, **self.settings.caption)
             for record, text in zip(records, generated, strict=True):
                 record["generated"] = text
         if model.vision is not None and model.logit_scale is not None:
             image = model.vision(pixels)["image_embed"]
-            text = model._condition(list(captions), embed=True)["text_embed"]
+            text = model.encode_text(list(captions), embed=True)["text_embed"]
             for i, record in enumerate(records):
                 record["image_embed"], record["text_embed"] = image[i].float().cpu(), text[i].float().cpu()
         if self.extractor is not None and self._cached_real is None:
@@ -151,7 +142,7 @@ class Evaluator(pl.LightningModule):
     # ------------------------------------------------------------------- then generation and scores
     def on_test_epoch_end(self) -> None:
         self._finish_real()
-        records = gather(self._records)
+        records = gather_lists(self._records)
         self.metrics["num_validation"] = len(records)
         if records and "generated" in records[0]:
             self._caption_metrics(records)
@@ -174,7 +165,7 @@ class Evaluator(pl.LightningModule):
             mine = (
                 torch.cat(self._real) if self._real else torch.zeros(0, self.extractor.num_features, device=self.device)
             )
-            everything = torch.cat([part.cpu() for part in gather([mine.cpu()])])
+            everything = torch.cat([part.cpu() for part in gather_lists([mine.cpu()])])
             if self.global_rank == 0 and self.real_cache is not None:
                 save_real_features(*self.real_cache, {"features": everything.float()})
         for distances in self.distances.values():
@@ -202,7 +193,7 @@ class Evaluator(pl.LightningModule):
         if self.settings.prompts is not None:
             prompts = list(self.settings.prompts)[: self.settings.num_samples]
         else:
-            prompts = [text for _, text in sorted(gather([(r["order"], r["reference"]) for r in self._records]))]
+            prompts = [text for _, text in sorted(gather_lists([(r["order"], r["reference"]) for r in self._records]))]
         copies = max(1, int(self.settings.samples_per_prompt))
         jobs = [(i * copies + c, p) for i, p in enumerate(prompts) for c in range(copies)]
         return jobs[self.global_rank :: self.trainer.world_size]
@@ -218,7 +209,7 @@ class Evaluator(pl.LightningModule):
             for scale in self.settings.guidance_scales:
                 results = self._generate_at(prompts, scale, samples, index, advance)
                 sweep.append({"guidance_scale": scale} | results)
-        index = gather(index)
+        index = gather_lists(index)
         if self.global_rank == 0:
             with (samples / "index.jsonl").open("w") as out:
                 for line in index:
@@ -259,7 +250,7 @@ class Evaluator(pl.LightningModule):
                 self.clip_score.update(images, truncate_for_clip(self.clip_score, chunk))
             elif self.model.vision is not None and self.model.logit_scale is not None:
                 image = torch.nn.functional.normalize(self.model.vision(pixels)["image_embed"], dim=-1)
-                text = torch.nn.functional.normalize(self.model._condition(chunk, embed=True)["text_embed"], dim=-1)
+                text = torch.nn.functional.normalize(self.model.encode_text(chunk, embed=True)["text_embed"], dim=-1)
                 own_scores += (100 * (image * text).sum(-1)).clamp(min=0).tolist()
         results: dict[str, float] = {}
         if _scale_key(scale) in self.distances:
@@ -268,10 +259,10 @@ class Evaluator(pl.LightningModule):
             results["clip_score"] = float(self.clip_score.compute())
             self.clip_score.reset()
         elif own_scores or self.model.logit_scale is not None:
-            scores = gather(own_scores)
+            scores = gather_lists(own_scores)
             results["capdiff_image_text_score"] = sum(scores) / max(1, len(scores))
         if self.probe is not None:
-            predictions, truths = gather(predictions), gather(truths)
+            predictions, truths = gather_lists(predictions), gather_lists(truths)
             named = [(p, t) for p, t in zip(predictions, truths, strict=True) if t]
             if named:
                 hits = {a: [p[a] == t[a] for p, t in named if a in t] for a in ATTRIBUTES}

@@ -26,7 +26,7 @@ from rich.progress import MofNCompleteColumn, Progress
 from torch import nn
 
 from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
-from capdiff.ranks import is_global_leader, wait_until
+from capdiff.distributed import is_global_leader, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _fit_probe(images: torch.Tensor, attributes: Sequence[dict], epochs: int, ba
 
 def probe_folder(data_dir: str | Path, datamodule) -> Path:
     """Where the probe for this datamodule's shapes is cached (shared by evaluate.py and the periodic eval)."""
-    from capdiff.stages import cache_folder
+    from capdiff.artifacts import cache_folder
 
     return cache_folder(data_dir, "probes", datamodule, {"version": PROBE_VERSION})
 

@@ -1,6 +1,6 @@
 """Sizes that must agree between the parts, checked from their configs alone: `train.py` runs these checks
 before any work (shards, tokenizer, autoencoder, latent caches), reading only the config.json of each
-pretrained part, and the JointModule runs them again on the parts it built.
+pretrained part, and the joint model runs them again on the parts it built.
 
 An SD UNet is convolutional: its `sample_size` is only a pipeline default, so a pretrained UNet with
 `sample_size: 64` (512² images) trains at 256² as well. The latent side always comes from `data.image_size`
@@ -139,3 +139,17 @@ def check_parts(model: Mapping[str, Any], image_size: int) -> None:
     check_dimensions(
         unet_config, vae_config, image_size, llm_dim, model.get("conditioner") or {}, unet.get("name_or_path")
     )
+
+
+def check_positions(llm, prefix: int) -> None:
+    """The caption sequence (prefix + prompt + caption) of a `capdiff.models.language.LanguageModel` must fit
+    its position table."""
+    positions = getattr(llm.lm.config, "max_position_embeddings", None)
+    needed = prefix + len(llm.prompt_ids) + llm.max_tokens
+    if positions is not None and needed > positions:
+        raise ValueError(
+            f"the image prefix ({prefix} tokens: model.vision.resampler.num_queries + model.vision.resampler.grid²)"
+            f" + the prompt ({len(llm.prompt_ids)} tokens) + model.llm.max_tokens={llm.max_tokens} = {needed} "
+            f"exceeds the LLM's {positions} positions: set "
+            f"model.llm.max_tokens={max(1, positions - prefix - len(llm.prompt_ids))} or use fewer prefix tokens."
+        )

@@ -1,10 +1,12 @@
-"""The learnable temperature of the contrastive loss (CLIP, Radford et al., 2021)."""
+"""The cross-modal contrastive alignment (CLIP, Radford et al., 2021): its learnable temperature and its loss."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -24,3 +26,25 @@ class LogitScale(nn.Module):
     @torch.no_grad()
     def clamp_(self) -> None:
         self.log_scale.clamp_(0.0, self.max_log)
+
+
+def contrastive_loss(
+    image_embed: torch.Tensor,
+    text_embed: torch.Tensor,
+    logit_scale: torch.Tensor,
+    gather: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE (CLIP) with open_clip's local loss: this rank's rows against every rank's columns.
+
+    `gather` gives every rank's rows with gradient and the offset of this rank's own in them
+    (`capdiff.distributed.gather_rows`); None: this batch alone. Averaged over ranks (as DDP averages
+    gradients) the loss equals the loss over the concatenated batch.
+    """
+    image = F.normalize(image_embed.float(), dim=-1)
+    text = F.normalize(text_embed.float(), dim=-1)
+    all_image, offset = gather(image) if gather else (image, 0)
+    all_text, _ = gather(text) if gather else (text, 0)
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    logits_per_image = logit_scale * image @ all_text.T
+    logits_per_text = logit_scale * text @ all_image.T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

@@ -7,11 +7,37 @@ and hence its loss weighting, so the training step does not care which one it is
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
-from capdiff.losses import diffusion_loss
 from capdiff.models.hub import load_pretrained
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    snr: torch.Tensor,
+    prediction_type: str,
+    min_snr_gamma: float,
+    weighting: str = "min_snr",
+) -> torch.Tensor:
+    """Per-sample MSE, weighted by timestep; γ = 0 turns the weighting off.
+
+    Written as a weight on the x₀ error (ε-MSE = SNR·x₀-MSE, v-MSE = (SNR + 1)·x₀-MSE):
+    - `min_snr` (Hang et al., 2023): min(SNR, γ). At high noise the weight goes to 0 with the SNR.
+    - `min_snr_plus_one`: min(SNR + 1, γ): 1 at high noise, where the layout and the colours of an image are
+      decided from the text (and at zero terminal SNR, where `min_snr` gives 0), capped at γ at low noise.
+    """
+    if weighting not in ("min_snr", "min_snr_plus_one"):
+        raise ValueError(f"model.diffusion.weighting={weighting!r}: use 'min_snr' or 'min_snr_plus_one'.")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if min_snr_gamma <= 0:
+        return per_sample.mean()
+    snr = snr.float()
+    x0_weight = torch.clamp(snr + 1 if weighting == "min_snr_plus_one" else snr, max=min_snr_gamma)
+    native = snr + 1 if prediction_type == "v_prediction" else snr.clamp_min(1e-8)  # this MSE's own x₀ weight
+    return (per_sample * x0_weight / native).mean()
 
 
 def build_unet(name_or_path: str | None, config: dict | None, latent_size: int | None = None) -> UNet2DConditionModel:

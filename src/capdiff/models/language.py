@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -106,3 +107,8 @@ class LanguageModel(nn.Module):
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy; positions labelled IGNORE (prefix, prompt, padding) do not count."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)

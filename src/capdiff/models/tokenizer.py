@@ -14,8 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from capdiff.distributed import partial_path
 from capdiff.models.hub import TOKENIZER, load_pretrained
-from capdiff.ranks import partial_path
 
 log = logging.getLogger(__name__)
 

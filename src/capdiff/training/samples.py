@@ -1,4 +1,5 @@
-"""Training callbacks: EMA of the generator's weights, and sample grids + captions written during training."""
+"""Samples during training: image grids for fixed prompts and captions of fixed validation images, under the
+EMA weights."""
 
 from __future__ import annotations
 
@@ -15,82 +16,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.utilities import rank_zero_only
 
 from capdiff.data.transforms import as_unit, unit_to_uint8
+from capdiff.training.ema import find_ema
 
 log = logging.getLogger(__name__)
-
-
-class EMA(pl.Callback):
-    """Exponential moving average of every trained parameter (`pl_module.ema_parameters()`), saved in
-    checkpoints and swapped in for sampling and captioning.
-
-    One update per optimizer step: not per micro-batch under `trainer.accumulate_grad_batches`, and none for a
-    step skipped for a non-finite loss. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates
-    (diffusers' `EMAModel` default), so early averages are not dominated by the random initialisation.
-
-    capdiff keeps its own rather than diffusers' `EMAModel`: that one allocates a second copy of the shadow on
-    every update (`_foreach_sub` out of place) and another on every load (a deep copy of the state), where
-    this one updates in place with one `_foreach_lerp_` (bench/ema.py measures both at SD-1.5 size).
-    """
-
-    def __init__(self, decay: float = 0.999, every_n_steps: int = 1) -> None:
-        self.decay = decay
-        self.every_n_steps = every_n_steps
-        self.shadow: dict[str, torch.Tensor] = {}
-        self.updates = 0
-        self._seen_step: int | None = None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # here, not in on_fit_start: under FSDP a checkpoint's state is restored after on_fit_start
-        params = pl_module.ema_parameters()
-        if self.shadow and set(self.shadow) != set(params):
-            log.warning(
-                "the checkpoint's EMA averages other parameters than this run trains (%d vs %d): the average "
-                "starts again from the current weights",
-                len(self.shadow),
-                len(params),
-            )
-            self.shadow, self.updates = {}, 0
-        if self.shadow:
-            self.shadow = {n: t.to(params[n].device) for n, t in self.shadow.items()}
-        else:
-            self.shadow = {n: p.detach().clone() for n, p in params.items()}
-        self._seen_step = trainer.global_step
-
-    @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
-        step = trainer.global_step
-        if step == self._seen_step:  # a micro-batch whose gradients are still accumulating
-            return
-        self._seen_step = step
-        if getattr(pl_module, "step_skipped", False) or step % self.every_n_steps:
-            return
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        params = pl_module.ema_parameters()
-        # One multi-tensor kernel, in place, instead of a Python loop over hundreds of tensors.
-        torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.shadow = dict(state_dict["shadow"])
-        self.updates = int(state_dict["updates"])
-
-    @contextmanager
-    def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:
-        """The averaged weights in place of the live ones, restored afterwards."""
-        params = pl_module.ema_parameters()
-        live = {n: p.detach().clone() for n, p in params.items() if n in self.shadow}
-        with torch.no_grad():
-            for name in live:
-                params[name].copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, value in live.items():
-                    params[name].copy_(value)
 
 
 @contextmanager
@@ -105,15 +33,6 @@ def sampling_mode(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterato
             yield
     finally:
         pl_module.train(was_training)
-
-
-def batch_size(batch: dict) -> int:
-    """Samples in a batch, for Lightning's `ThroughputMonitor` (`batch_size_fn`, see conf/callbacks/default.yaml)."""
-    return len(batch["keys"])
-
-
-def find_ema(trainer: pl.Trainer) -> EMA | None:
-    return next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
 
 
 def caption_grid(images: torch.Tensor, texts: list[str], tile: int = 128, width: int = 24) -> Image.Image:
@@ -188,15 +107,16 @@ class SampleGrid(pl.Callback):
         prompts = self.prompts or (batch["captions"] if batch else None)
         images = {}
         with sampling_mode(trainer, pl_module):
-            if prompts and pl_module.diffusion is not None:
-                generated = pl_module.generate(
+            model = pl_module.model
+            if prompts and model.can_generate:
+                generated = model.generate(
                     prompts, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
                 )
                 grid = caption_grid(generated, prompts)
                 grid.save(folder / f"generated_{tag}.png")
                 images["samples/generated"] = grid
-            if batch is not None and pl_module.vision is not None and pl_module.weights["caption"]:
-                captions = pl_module.caption(batch["pixels"])
+            if batch is not None and model.can_caption:
+                captions = model.caption(batch["pixels"])
                 grid = caption_grid(
                     batch["pixels"], [f"{c}\n(true: {r})" for c, r in zip(captions, batch["captions"], strict=True)]
                 )

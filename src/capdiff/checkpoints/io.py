@@ -21,7 +21,7 @@ import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from capdiff.ranks import host_tag, partial_path
+from capdiff.distributed import host_tag, partial_path
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def write_files(files: dict[str, bytes], folder: str | Path) -> Path:
 
 
 def describe_parts(model) -> dict[str, Any]:
-    """What `load_checkpoint` rebuilds `model` (a JointModule) from, weights aside."""
+    """What `load_checkpoint` rebuilds `model` (a `capdiff.joint.JointModel`) from, weights aside."""
     parts: dict[str, Any] = {
         "format": FORMAT,
         "tokenizer": tokenizer_files(model.llm.tokenizer),
@@ -65,20 +65,51 @@ def describe_parts(model) -> dict[str, Any]:
     return parts
 
 
-def rebuilt_hparams(hparams: dict, parts: dict, tokenizer_folder: Path) -> dict:
-    """The JointModule arguments that build every part from the checkpoint's configs and tokenizer."""
-    hparams = copy.deepcopy(dict(hparams))
+TRAINING_KEYS = ("optim", "nonfinite")  # hyperparameters of the training, not of the model (nonfinite: before 0.2)
+MODEL_PREFIX = "model."  # the plain model's weights in a training checkpoint's state dict
+
+
+def model_config(hparams: dict) -> dict:
+    """A checkpoint's `model` config less its training settings: what builds the `JointModel`."""
+    return {k: copy.deepcopy(v) for k, v in dict(hparams).items() if k not in TRAINING_KEYS and k != "_target_"}
+
+
+def rebuilt_config(hparams: dict, parts: dict, tokenizer_folder: Path) -> dict:
+    """The model config that builds every part from the checkpoint's configs and tokenizer."""
+    config = model_config(hparams)
     write_files(parts["tokenizer"], tokenizer_folder)
-    hparams["llm"] = dict(hparams["llm"]) | {"name_or_path": None, "config": parts["llm"]}
-    hparams["llm"]["tokenizer"] = str(tokenizer_folder)
+    config["llm"] = dict(config["llm"]) | {
+        "name_or_path": None,
+        "config": parts["llm"],
+        "tokenizer": str(tokenizer_folder),
+    }
     if "vision" in parts:
-        hparams["vision"] = dict(hparams.get("vision") or {}) | {"name_or_path": None, "config": parts["vision"]}
+        config["vision"] = dict(config.get("vision") or {}) | {"name_or_path": None, "config": parts["vision"]}
     if "unet" in parts:
-        hparams["unet"] = dict(hparams["unet"]) | {"name_or_path": None, "config": parts["unet"]}
-        hparams["vae"] = dict(hparams["vae"]) | {"name_or_path": None, "config": parts["vae"]}
+        config["unet"] = dict(config["unet"]) | {"name_or_path": None, "config": parts["unet"]}
+        config["vae"] = dict(config["vae"]) | {"name_or_path": None, "config": parts["vae"]}
     # Compiling is a training-speed setting; a loaded model compiles when asked to (Module.compile).
-    hparams["speed"] = dict(hparams.get("speed") or {}) | {"compile": {}}
-    return hparams
+    config["speed"] = dict(config.get("speed") or {}) | {"compile": {}}
+    return config
+
+
+def upgrade_checkpoint(checkpoint: dict) -> dict:
+    """A checkpoint written before the joint model was a module of its own (capdiff 0.1: the parts at the
+    top of the state dict, `nonfinite` among the hyperparameters) in today's layout, in place. The EMA's
+    names never changed: they are the plain model's."""
+    state = checkpoint.get("state_dict")
+    if state and not any(k.startswith(MODEL_PREFIX) for k in state):
+        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
+    hparams = checkpoint.get("hyper_parameters")
+    if hparams is not None and "nonfinite" in hparams:
+        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "nonfinite"}
+    return checkpoint
+
+
+def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The plain model's weights of a (possibly old) training checkpoint, by the model's own names."""
+    state = upgrade_checkpoint(checkpoint)["state_dict"]
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
 def ema_shadow(checkpoint: dict) -> dict[str, torch.Tensor] | None:
@@ -101,36 +132,35 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, ema: bool = True, checkpoint: dict | None = None):
-    """A JointModule from a training checkpoint; with `ema`, the EMA callback's averaged weights instead of
+    """The `JointModel` of a training checkpoint; with `ema`, the EMA callback's averaged weights instead of
     the live ones when the checkpoint has them. Returns (model, EMA used).
 
     The file is memory-mapped and its tensors become the model's own: only the weights are read, never the
     optimizer state beside them (two thirds of an SD-1.5-sized training checkpoint)."""
     from accelerate import init_empty_weights
 
-    from capdiff.module import JointModule
+    from capdiff.joint.model import JointModel
 
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
-    state = dict(checkpoint["state_dict"])
+    state = model_state(checkpoint)
     shadow = ema_shadow(checkpoint) if ema else None
     state |= shadow or {}
     parts = checkpoint.get(PARTS_KEY)
     if parts is None:  # written before checkpoints carried their parts: built by the paths it names
         log.warning("%s carries no part configs: its parts load from the paths its hyperparameters name", path)
-        model = JointModule(**checkpoint["hyper_parameters"])
+        model = JointModel.from_config(model_config(checkpoint["hyper_parameters"]))
         model.load_state_dict(state)
-        return model, shadow is not None
+        return model.eval(), shadow is not None
     with tempfile.TemporaryDirectory(prefix="capdiff-tokenizer-") as folder:
-        hparams = rebuilt_hparams(checkpoint["hyper_parameters"], parts, Path(folder))
+        config = rebuilt_config(checkpoint["hyper_parameters"], parts, Path(folder))
         with init_empty_weights(include_buffers=False):
-            model = JointModule(**hparams)
+            model = JointModel.from_config(config)
     model.load_state_dict(state, assign=True)
     if "unet" in parts:  # a pretrained UNet's own default size, which building from config set to the latent size
         model.diffusion.unet.register_to_config(sample_size=parts["unet"]["sample_size"])
     if getattr(model.llm.lm.config, "tie_word_embeddings", False):
         model.llm.lm.tie_weights()  # assign gave the tied input and output embeddings a Parameter each
-    model.hparams.update(copy.deepcopy(dict(checkpoint["hyper_parameters"])))
-    return model, shadow is not None
+    return model.eval(), shadow is not None
 
 
 def read_run(checkpoint: dict) -> dict | None:
@@ -155,34 +185,12 @@ class RunRecord(pl.Callback):
         }
 
 
-def restore_parts(cfg: DictConfig, ckpt_path: str | Path) -> None:
-    """On resume, the derived parts come from the checkpoint, not from the `data/` caches (which the machine
-    that resumes may not have, or may hold for other data): the tokenizer and the first-stage autoencoder are
-    written into the run folder and the config points at them."""
-    llm, vae = cfg.model.llm, cfg.model.get("vae") or {}
-    derived_tokenizer = not (llm.get("tokenizer") or llm.get("name_or_path"))
-    derived_vae = bool(cfg.model.loss.weights.get("diffusion")) and not vae.get("name_or_path")
-    if not (derived_tokenizer or derived_vae) or Path(ckpt_path).is_dir():  # a sharded FSDP checkpoint: no parts
-        return
-    checkpoint = read_checkpoint(ckpt_path)
-    parts = checkpoint.get(PARTS_KEY)
-    if parts is None:
-        return
-    folder = Path(cfg.paths.output_dir) / "parts"
-    with open_dict(cfg):
-        if derived_tokenizer:
-            cfg.model.llm.tokenizer = str(write_files(parts["tokenizer"], folder / "tokenizer"))
-        if derived_vae and "vae" in parts:
-            cfg.model.vae.name_or_path = str(write_autoencoder(checkpoint, parts["vae"], folder / "autoencoder"))
-    log.info("resuming with the tokenizer and first-stage autoencoder the checkpoint carries (%s)", folder)
-
-
 def write_autoencoder(checkpoint: dict, config: dict, folder: Path) -> Path:
     """The checkpoint's VAE as a diffusers folder (its weights from the state dict)."""
     from diffusers import AutoencoderKL
 
     prefix = "diffusion.vae."
     vae = AutoencoderKL.from_config(config)
-    vae.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    vae.load_state_dict({k[len(prefix) :]: v for k, v in model_state(checkpoint).items() if k.startswith(prefix)})
     vae.save_pretrained(folder)
     return folder

@@ -1,4 +1,5 @@
-"""Ranks: which process writes a shared file and how the others wait for it, and per-rank random streams.
+"""Distributed helpers: which process writes a shared file and how the others wait for it, per-rank random
+streams, the gather with gradient behind the contrastive loss, and the gather of evaluation records.
 
 Lightning's DDP launcher, torchrun and Slurm start the whole script once per rank, so anything written to disk
 before training (shapes shards, tokenizer, first-stage autoencoder, the shapes probe) is written by one
@@ -14,6 +15,11 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the shard tools import this module and start without torch and Lightning
+    import pytorch_lightning as pl
+    import torch
 
 # Where each launcher puts the global rank before any process group exists: torchrun / Lightning's own
 # launcher, Slurm (srun), LSF (jsrun).
@@ -65,3 +71,28 @@ def seed_for_rank(rank: int, offset: int = 0) -> int:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return seed
+
+
+def gather_rows(module: pl.LightningModule) -> Callable[[torch.Tensor], tuple[torch.Tensor, int]]:
+    """A gather for `capdiff.models.contrastive.contrastive_loss`: every rank's rows, concatenated in rank order,
+    with gradients flowing back to each row's own rank (`LightningModule.all_gather(sync_grads=True)`), and
+    the offset of this rank's rows in them."""
+
+    def gather(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if module._trainer is None or module.trainer.world_size == 1:
+            return rows, 0
+        stacked = module.all_gather(rows, sync_grads=True)  # world × rows × ...
+        return stacked.flatten(0, 1), module.global_rank * rows.shape[0]
+
+    return gather
+
+
+def gather_lists(items: list) -> list:
+    """Every rank's list (of picklable records), concatenated in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

@@ -1,28 +1,74 @@
-"""Artefacts a run derives from its own data before the joint model is built, cached under `paths.data_dir`:
-the tiny preset's tokenizer and its first-stage autoencoder. Each is keyed by the data and the settings that
-made it, built once, and reused by later runs (and by the other ranks of a DDP run, which wait for global
-rank 0); the latent cache is encoded by all ranks together when fit starts."""
+"""What a run derives from its own data, cached under `paths.data_dir`: the tiny preset's tokenizer and its
+first-stage autoencoder (before the model is built: its vocabulary and latent shape depend on them), and the
+VAE latents of the shards (`data.latents`). Each is keyed by the data and the settings that made it, built
+once, and reused by later runs. The tokenizer and autoencoder are built by global rank 0 while every other
+rank of a DDP run waits (Lightning's `prepare_data` runs inside `fit`, after the model they shape is built);
+the latent cache is encoded by all ranks together when fit starts.
+
+The functions return what they built; the config stays as the user gave it (`DerivedParts.overrides`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import webdataset as wds
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
-from capdiff.autoencoder import train_autoencoder
+from capdiff.artifacts.autoencoder import train_autoencoder
 from capdiff.data import ImageTextDataModule
 from capdiff.data.cache_latents import cache_latents, check_cache, is_complete, read_manifest, vae_fingerprint
 from capdiff.data.decode import BadSample, decode_captions
+from capdiff.distributed import is_global_leader, wait_until
 from capdiff.models.tokenizer import build_byte_bpe
-from capdiff.ranks import is_global_leader, wait_until
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DerivedParts:
+    """Where the derived tokenizer and first-stage autoencoder are (None: the model names its own)."""
+
+    tokenizer: str | None = None  # for model.llm.tokenizer
+    autoencoder: str | None = None  # for model.vae.name_or_path
+
+    def overrides(self) -> dict[str, Any]:
+        """The `model` config keys these fill in."""
+        out: dict[str, Any] = {}
+        if self.tokenizer:
+            out["llm"] = {"tokenizer": self.tokenizer}
+        if self.autoencoder:
+            out["vae"] = {"name_or_path": self.autoencoder}
+        return out
+
+
+def derives_tokenizer(model: Mapping) -> bool:
+    """`model.llm.tokenizer: null` with no pretrained LLM: the tokenizer is built on the training captions."""
+    llm = model.get("llm") or {}
+    return not (llm.get("tokenizer") or llm.get("name_or_path"))
+
+
+def derives_autoencoder(model: Mapping) -> bool:
+    """A diffusion model with `model.vae.name_or_path: null`: the first stage is trained on the data."""
+    weights = (model.get("loss") or {}).get("weights") or {}
+    return bool(weights.get("diffusion")) and not (model.get("vae") or {}).get("name_or_path")
+
+
+def derive_parts(cfg: DictConfig, datamodule: ImageTextDataModule, given: DerivedParts | None = None) -> DerivedParts:
+    """The tokenizer and first-stage autoencoder the model config leaves to the data, built or found in the
+    cache (`given` ones, e.g. restored from a checkpoint, are kept)."""
+    given = given or DerivedParts()
+    tokenizer = given.tokenizer or (str(prepare_tokenizer(cfg, datamodule)) if derives_tokenizer(cfg.model) else None)
+    autoencoder = given.autoencoder
+    if autoencoder is None and derives_autoencoder(cfg.model):
+        autoencoder = str(prepare_autoencoder(cfg, datamodule))
+    return DerivedParts(tokenizer, autoencoder)
 
 
 def cache_folder(root: str | Path, kind: str, datamodule: ImageTextDataModule, settings: dict) -> Path:
@@ -45,12 +91,9 @@ def training_captions(datamodule: ImageTextDataModule, limit: int) -> Iterator[s
             return
 
 
-def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> None:
-    """`model.llm.tokenizer: null` with no pretrained LLM: build a byte-level BPE on the training captions."""
-    llm = cfg.model.llm
-    if llm.get("tokenizer") or llm.get("name_or_path"):
-        return
-    spec = OmegaConf.to_container(llm.get("build_tokenizer") or {}, resolve=True)
+def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> Path:
+    """A byte-level BPE built on the training captions (`model.llm.build_tokenizer`); returns its folder."""
+    spec = OmegaConf.to_container(cfg.model.llm.get("build_tokenizer") or {}, resolve=True)
     settings = {"vocab_size": int(spec.get("vocab_size", 512)), "captions": int(spec.get("captions", 20000))}
     folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
     if not folder.is_dir():
@@ -58,15 +101,13 @@ def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> None:
             build_byte_bpe(training_captions(datamodule, settings["captions"]), folder, settings["vocab_size"])
         else:
             wait_until(folder.is_dir, 3600, f"the tokenizer in {folder}")
-    with open_dict(cfg):
-        cfg.model.llm.tokenizer = str(folder)
+    return folder
 
 
-def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force: bool = False) -> Path | None:
-    """`model.vae.name_or_path: null`: train the first stage on the training data (once) and point to it."""
+def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force: bool = False) -> Path:
+    """The first stage trained on the training data (`model.vae.first_stage`, once unless `force`); returns its
+    folder."""
     vae = cfg.model.get("vae") or {}
-    if vae.get("name_or_path") and not force:
-        return None
     stage = OmegaConf.to_container(vae.get("first_stage") or {}, resolve=True)
     if not stage:
         raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")
@@ -87,8 +128,6 @@ def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force:
             wait_until((folder / "config.json").is_file, 3600, f"the first-stage autoencoder in {folder}")
     else:
         log.info("reusing the first-stage autoencoder in %s", folder)
-    with open_dict(cfg):
-        cfg.model.vae.name_or_path = str(folder)
     return folder
 
 
@@ -108,7 +147,7 @@ class LatentCache(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self.encode(trainer.datamodule, pl_module.diffusion.vae, trainer.global_rank, trainer.world_size,
+            self.encode(trainer.datamodule, pl_module.model.diffusion.vae, trainer.global_rank, trainer.world_size,
                         trainer.strategy.root_device)  # fmt: skip
 
     def encode(self, datamodule: ImageTextDataModule, vae, rank: int, world_size: int, device) -> None:
@@ -125,7 +164,7 @@ class LatentCache(pl.Callback):
         check_cache(datamodule.train_urls, "data.latents_dir", datamodule.image_size, self.fingerprint)
 
 
-def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> LatentCache | None:
+def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae, vae_name: str) -> LatentCache | None:
     """`data.latents=true`: where the run's latents are cached (per data and VAE, or `data.latents_dir`), as a
     callback that encodes them when fit starts; None when `data.train_urls` already are cached shards."""
     fingerprint = vae_fingerprint(vae)
@@ -138,5 +177,4 @@ def prepare_latents(cfg: DictConfig, datamodule: ImageTextDataModule, vae) -> La
         settings = {"vae": fingerprint, "image_size": datamodule.image_size, "val": datamodule.val_urls}
         folder = cache_folder(cfg.paths.data_dir, "latents", datamodule, settings)
     urls = datamodule.train_urls + datamodule.val_urls
-    name = str(cfg.model.vae.get("name_or_path"))
-    return LatentCache(urls, Path(folder), name, datamodule.caption_key.spec, fingerprint)
+    return LatentCache(urls, Path(folder), vae_name, datamodule.caption_key.spec, fingerprint)

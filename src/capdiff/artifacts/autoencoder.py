@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from pytorch_lightning.callbacks import RichProgressBar
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from capdiff.data.transforms import as_unit
-from capdiff.ranks import partial_path
+from capdiff.distributed import partial_path
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +54,10 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.vae.parameters(), lr=self.lr, weight_decay=0.0)
-        from capdiff.module import warmup_cosine
-
         if self.total_steps:
-            factor = warmup_cosine(self.warmup_steps, self.total_steps, 0.0)
+            schedule = get_cosine_schedule_with_warmup(optimizer, self.warmup_steps, self.total_steps)
         else:
-            factor = lambda s: min(1.0, (s + 1) / self.warmup_steps)  # noqa: E731
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            schedule = get_constant_schedule_with_warmup(optimizer, self.warmup_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()

@@ -1,0 +1,2 @@
+"""Checkpoints: written whole and streamed (`io`), loadable anywhere with the parts they carry (`portable`),
+and resumed from (`resume`)."""
