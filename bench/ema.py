@@ -55,7 +55,7 @@ def run_variant(name: str, phase: str, quick: bool, updates: int) -> dict:
         ema.shadow = {n: p.detach().clone() for n, p in named.items()}
         ema._seen_step = 0
         module = type("Module", (), {"ema_parameters": lambda self: named})()
-        trainer = type("Trainer", (), {"global_step": 0})()
+        trainer = type("Trainer", (), {"global_step": 0, "callbacks": []})()
 
         def update() -> None:
             trainer.global_step += 1  # an optimizer step happened
