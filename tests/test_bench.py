@@ -16,6 +16,7 @@ RATIOS = {
     "sampling": ["capdiff/diffusers sampling images/s"],
     "step": ["step time before / now"],
     "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
+    "recipes": ["joint / text_gan probe attribute accuracy", "text_gan with / without median"],
     "ema": ["capdiff / fastest diffusers update time", "capdiff / diffusers-foreach memory added per update"],
     "fullsize": [
         "train peak RSS / (weights + grads + AdamW + EMA)",

@@ -11,6 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from capdiff.artifacts import joint_config
 from capdiff.data import ImageTextDataModule, ShapesDataModule
 from capdiff.train import instantiate_data, prepare_datamodule, train
 from tests.helpers import REPO, good_members, write_tar
@@ -89,7 +90,8 @@ def test_every_config_composes_and_builds(tmp_path: Path, group: str, option: st
 
     # the model needs its data-derived parts or downloads: the test_module/test_pretrained tests build it
     assert issubclass(hydra.utils.get_class(cfg.model._target_), pl.LightningModule)
-    assert set(cfg.model.loss.weights) == {"diffusion", "caption", "contrastive"}
+    joint, _ = joint_config(cfg.model)  # the GAN's text side is a joint model config too
+    assert set(joint.loss.weights) == {"diffusion", "caption", "contrastive"}
 
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     assert all(isinstance(c, pl.Callback) for c in callbacks)

@@ -36,8 +36,9 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
     lock = threading.Lock()  # Gradio runs events in worker threads; the model runs one request at a time
     # Uploads keep their own mode (image_mode=None): the Pipeline composites transparency on white, as training
     # decodes shard images, where Gradio's default RGB conversion would drop the alpha channel.
-    has_captioner = pipe.model.vision is not None
-    has_unet = pipe.model.diffusion is not None
+    has_captioner = pipe.model.can_caption
+    has_generator = pipe.model.can_generate
+    has_unet = getattr(pipe.model, "diffusion", None) is not None  # editing inverts latents: a GAN cannot
 
     def caption(image: Image.Image | None, num_beams: int) -> str:
         if image is None:
@@ -97,7 +98,7 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
             else:
                 gr.Markdown("This model was trained without the captioner (`model.loss.weights.caption=0`).")
         with gr.Tab("Generate", elem_id="generate-tab"):
-            if has_unet:
+            if has_generator:
                 with gr.Row():
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", elem_id="generate-prompt")
@@ -109,7 +110,7 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
                 run.click(generate, [prompt, count, steps_slider, guidance, seed], gallery)
                 prompt.submit(generate, [prompt, count, steps_slider, guidance, seed], gallery)
             else:
-                gr.Markdown("This model was trained without the UNet (`model.loss.weights.diffusion=0`).")
+                gr.Markdown("This model has no image generator (`model.loss.weights.diffusion=0`).")
         with gr.Tab("Edit", elem_id="edit-tab"):
             if has_unet:
                 with gr.Row():
@@ -133,7 +134,10 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
                     edited = gr.Image(type="pil", label="Edited", interactive=False, elem_id="edit-result")
                 run.click(edit, [original, target, method, strength, steps_slider, guidance], edited)
             else:
-                gr.Markdown("This model was trained without the UNet (`model.loss.weights.diffusion=0`).")
+                gr.Markdown(
+                    "Editing needs a latent diffusion UNet (a model trained with "
+                    "`model.loss.weights.diffusion=0`, or a GAN, has none)."
+                )
     return page
 
 

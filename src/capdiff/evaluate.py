@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
@@ -18,10 +19,10 @@ from capdiff.checkpoints.portable import load_checkpoint, read_checkpoint, read_
 from capdiff.config import apply_extras, command_line_overrides, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
+from capdiff.evaluation.postprocessing import postprocess_from
 from capdiff.evaluation.runner import EvalSettings, Evaluator
 from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
 from capdiff.evaluation.validation import ValidationLosses
-from capdiff.joint.model import JointModel
 from capdiff.loggers import link_to_training, log_eval_tables, run_loggers
 from capdiff.quiet import quiet_known_warnings
 from capdiff.train import instantiate_data, prepare_datamodule
@@ -172,7 +173,7 @@ def fid_feature(cfg: DictConfig, shapes: bool) -> tuple[str | None, str | None]:
 
 
 def build_evaluator(
-    cfg: DictConfig, model: JointModel, datamodule, settings: EvalSettings, feature: str | None
+    cfg: DictConfig, model: torch.nn.Module, datamodule, settings: EvalSettings, feature: str | None
 ) -> Evaluator:
     ev = cfg.eval
     shapes = isinstance(datamodule, ShapesDataModule)
@@ -187,7 +188,7 @@ def build_evaluator(
         return load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
 
     extractor = real_cache = None
-    if feature and model.diffusion is not None:
+    if feature and model.can_generate:
         extractor = build_extractor(feature, ev.fid.get("name_or_path"), ev.fid.get("weights_path"), probe)
         identity = ev.fid.get("name_or_path") or ev.fid.get("weights_path") or f"{feature}-v{PROBE_VERSION}"
         key = real_stats_key(
@@ -202,9 +203,10 @@ def build_evaluator(
         extractor=extractor,
         feature=feature,
         real_cache=real_cache,
-        probe=probe() if (ev.get("probe") and shapes and model.diffusion is not None) else None,
+        probe=probe() if (ev.get("probe") and shapes and model.can_generate) else None,
         clip_score=clip,
         kid_subset_size=int(ev.fid.get("kid_subset_size", 1000)),
+        judge=load_checkpoint(ev.judge)[0] if ev.get("judge") else None,
     )
 
 
@@ -227,6 +229,7 @@ def evaluate(cfg: DictConfig) -> dict:
             "e.g. data.val_urls='/data/val-{000..003}.tar'."
         )
     datamodule = prepare_datamodule(datamodule)
+    settings.postprocess = postprocess_from(cfg, datamodule)  # a bad step fails here, before the model loads
     feature, skipped = fid_feature(cfg, isinstance(datamodule, ShapesDataModule))
     if skipped and cfg.eval.fid.get("feature"):
         log.warning("FID/KID are skipped: %s.", skipped)
@@ -253,6 +256,9 @@ def evaluate(cfg: DictConfig) -> dict:
                 "caption": settings.caption,
                 "fid_feature": feature,
                 "skipped": {"fid_kid": skipped} if skipped else {},
+                "not_applicable": evaluator.not_applicable,
+                "postprocess": OmegaConf.to_container(cfg.eval.get("postprocess") or [], resolve=True),
+                "judge": cfg.eval.get("judge"),
                 "samples_per_prompt": settings.samples_per_prompt,
                 "data": OmegaConf.to_container(cfg.data, resolve=True),
                 "training_run": (run or {}).get("output_dir"),

@@ -55,6 +55,11 @@ SUBFOLDER_KEYS += (("vae", "name_or_path"),)
 
 def export(model: JointModel, folder: str | Path) -> Path:
     """Write the model to `folder` (layout in the module docstring); sub-folder paths are stored relative."""
+    if not isinstance(model, JointModel):
+        raise ValueError(
+            f"export writes a joint model's standard sub-folders; a {type(model).__name__} has none of them: use "
+            "its checkpoint as it is (Pipeline.from_checkpoint, capdiff generate --ckpt)."
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hparams = as_dict(model.spec)

@@ -9,7 +9,7 @@ pipe.edit(Image.open("cat.png"), "a large green square in the center on a white 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,7 +17,6 @@ from PIL import Image
 
 from capdiff.checkpoints.portable import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
-from capdiff.joint.model import JointModel
 from capdiff.sampling import ddim_invert
 
 ImageLike = Image.Image | torch.Tensor
@@ -29,9 +28,10 @@ def default_device() -> torch.device:
 
 
 class Pipeline:
-    """`device`: where the model runs; None picks a GPU when there is one, else the CPU."""
+    """A trained model of either recipe (`JointModel`, or `TextGAN`, which generates only); `device`: where it
+    runs, None picks a GPU when there is one, else the CPU."""
 
-    def __init__(self, model: JointModel, device: str | torch.device | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, device: str | torch.device | None = None) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.model = model.to(self.device).eval()
 
@@ -82,15 +82,22 @@ class Pipeline:
         eta: float = 0.0,
         seed: int = 0,
         batch_size: int = 32,
+        postprocess: Callable[[torch.Tensor], torch.Tensor] | Sequence | None = None,
     ) -> list[Image.Image]:
-        """One image per prompt; prompt i starts from the noise of `seed + i`."""
+        """One image per prompt; prompt i starts from the noise of `seed + i`. `postprocess`: a
+        `capdiff.postprocess` chain (`build_chain(...)`, with a reference for its colour step) or a list of
+        steps such as `["median", {"name": "sharpen", "amount": 0.5}]`, applied to every image."""
+        if postprocess is not None and not callable(postprocess):
+            from capdiff.postprocess import build_chain
+
+            postprocess = build_chain(postprocess)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         out: list[Image.Image] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             seeds = [seed + start + i for i in range(len(chunk))]
             pixels = self.model.generate(chunk, steps=steps, guidance_scale=guidance_scale, eta=eta, seeds=seeds)
-            out += to_pil(pixels)
+            out += to_pil(postprocess(pixels) if postprocess is not None else pixels)
         return out
 
     @torch.no_grad()

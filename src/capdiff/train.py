@@ -153,7 +153,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     callbacks.append(record)
     if not any(isinstance(c, NonFiniteGuard) for c in callbacks):  # a NaN step never reaches the weights
         callbacks.append(NonFiniteGuard())
-    diffusion = model.model.diffusion
+    diffusion = getattr(model.model, "diffusion", None)  # recipes without a latent UNet have no latent cache
     if datamodule.latents and diffusion is not None:
         # None: the shards are cached ones already
         cache = prepare_latents(cfg, datamodule, diffusion.vae, str(used.model.vae.name_or_path))

@@ -37,6 +37,7 @@ class DerivedParts:
 
     tokenizer: str | None = None  # for model.llm.tokenizer
     autoencoder: str | None = None  # for model.vae.name_or_path
+    key: str | None = None  # where the joint model config is in `model` (`text` for the GAN; None: `model` itself)
 
     def overrides(self) -> dict[str, Any]:
         """The `model` config keys these fill in."""
@@ -45,7 +46,16 @@ class DerivedParts:
             out["llm"] = {"tokenizer": self.tokenizer}
         if self.autoencoder:
             out["vae"] = {"name_or_path": self.autoencoder}
-        return out
+        return {self.key: out} if self.key and out else out
+
+
+def joint_config(model: DictConfig) -> tuple[DictConfig, str | None]:
+    """The joint model config inside a recipe's `model` config and its key: the recipe's LightningModule
+    names it (`text_key`, the GAN's text side); the joint recipe's is `model` itself."""
+    import hydra
+
+    key = getattr(hydra.utils.get_class(model._target_), "text_key", None) if model.get("_target_") else None
+    return (model[key], key) if key else (model, None)
 
 
 def derives_tokenizer(model: Mapping) -> bool:
@@ -64,11 +74,12 @@ def derive_parts(cfg: DictConfig, datamodule: ImageTextDataModule, given: Derive
     """The tokenizer and first-stage autoencoder the model config leaves to the data, built or found in the
     cache (`given` ones, e.g. restored from a checkpoint, are kept)."""
     given = given or DerivedParts()
-    tokenizer = given.tokenizer or (str(prepare_tokenizer(cfg, datamodule)) if derives_tokenizer(cfg.model) else None)
+    joint, key = joint_config(cfg.model)
+    tokenizer = given.tokenizer or (str(prepare_tokenizer(cfg, datamodule)) if derives_tokenizer(joint) else None)
     autoencoder = given.autoencoder
-    if autoencoder is None and derives_autoencoder(cfg.model):
+    if autoencoder is None and derives_autoencoder(joint):
         autoencoder = str(prepare_autoencoder(cfg, datamodule))
-    return DerivedParts(tokenizer, autoencoder)
+    return DerivedParts(tokenizer, autoencoder, key)
 
 
 def cache_folder(root: str | Path, kind: str, datamodule: ImageTextDataModule, settings: dict) -> Path:
@@ -93,7 +104,7 @@ def training_captions(datamodule: ImageTextDataModule, limit: int) -> Iterator[s
 
 def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> Path:
     """A byte-level BPE built on the training captions (`model.llm.build_tokenizer`); returns its folder."""
-    spec = OmegaConf.to_container(cfg.model.llm.get("build_tokenizer") or {}, resolve=True)
+    spec = OmegaConf.to_container(joint_config(cfg.model)[0].llm.get("build_tokenizer") or {}, resolve=True)
     settings = {"vocab_size": int(spec.get("vocab_size", 512)), "captions": int(spec.get("captions", 20000))}
     folder = cache_folder(cfg.paths.data_dir, "tokenizers", datamodule, settings)
     if not folder.is_dir():
@@ -107,7 +118,7 @@ def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> Path:
 def prepare_autoencoder(cfg: DictConfig, datamodule: ImageTextDataModule, force: bool = False) -> Path:
     """The first stage trained on the training data (`model.vae.first_stage`, once unless `force`); returns its
     folder."""
-    vae = cfg.model.get("vae") or {}
+    vae = joint_config(cfg.model)[0].get("vae") or {}
     stage = OmegaConf.to_container(vae.get("first_stage") or {}, resolve=True)
     if not stage:
         raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")

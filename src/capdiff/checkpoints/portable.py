@@ -65,6 +65,12 @@ def describe_parts(model) -> dict[str, Any]:
     return parts
 
 
+def describe_gan_parts(model) -> dict[str, Any]:
+    """The same for a `capdiff.gan.TextGAN`: the parts of its text side (a joint model); the networks are
+    built from the GAN's own config."""
+    return {"format": FORMAT, "recipe": "text_gan", "text": describe_parts(model.text)}
+
+
 TRAINING_KEYS = ("optim", "nonfinite")  # hyperparameters of the training, not of the model (nonfinite: before 0.2)
 MODEL_PREFIX = "model."  # the plain model's weights in a training checkpoint's state dict
 
@@ -132,13 +138,15 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, ema: bool = True, checkpoint: dict | None = None):
-    """The `JointModel` of a training checkpoint; with `ema`, the EMA callback's averaged weights instead of
-    the live ones when the checkpoint has them. Returns (model, EMA used).
+    """The plain model of a training checkpoint (a `JointModel`, or a `TextGAN` for `experiment=text_gan`);
+    with `ema`, the EMA callback's averaged weights instead of the live ones when the checkpoint has them.
+    Returns (model, EMA used).
 
     The file is memory-mapped and its tensors become the model's own: only the weights are read, never the
     optimizer state beside them (two thirds of an SD-1.5-sized training checkpoint)."""
     from accelerate import init_empty_weights
 
+    from capdiff.gan.model import TextGAN
     from capdiff.joint.model import JointModel
 
     checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
@@ -146,20 +154,27 @@ def load_checkpoint(path: str | Path, ema: bool = True, checkpoint: dict | None 
     shadow = ema_shadow(checkpoint) if ema else None
     state |= shadow or {}
     parts = checkpoint.get(PARTS_KEY)
+    hparams = checkpoint["hyper_parameters"]
     if parts is None:  # written before checkpoints carried their parts: built by the paths it names
         log.warning("%s carries no part configs: its parts load from the paths its hyperparameters name", path)
-        model = JointModel.from_config(model_config(checkpoint["hyper_parameters"]))
+        model = JointModel.from_config(model_config(hparams))
         model.load_state_dict(state)
         return model.eval(), shadow is not None
+    gan = parts.get("recipe") == "text_gan"
+    joint_parts = parts["text"] if gan else parts
     with tempfile.TemporaryDirectory(prefix="capdiff-tokenizer-") as folder:
-        config = rebuilt_config(checkpoint["hyper_parameters"], parts, Path(folder))
+        if gan:
+            config = model_config(hparams) | {"text": rebuilt_config(hparams["text"], joint_parts, Path(folder))}
+        else:
+            config = rebuilt_config(hparams, joint_parts, Path(folder))
         with init_empty_weights(include_buffers=False):
-            model = JointModel.from_config(config)
+            model = (TextGAN if gan else JointModel).from_config(config)
     model.load_state_dict(state, assign=True)
-    if "unet" in parts:  # a pretrained UNet's own default size, which building from config set to the latent size
-        model.diffusion.unet.register_to_config(sample_size=parts["unet"]["sample_size"])
-    if getattr(model.llm.lm.config, "tie_word_embeddings", False):
-        model.llm.lm.tie_weights()  # assign gave the tied input and output embeddings a Parameter each
+    joint = model.text if gan else model
+    if "unet" in joint_parts:  # a pretrained UNet's own default size, which building from config set to the latent size
+        joint.diffusion.unet.register_to_config(sample_size=joint_parts["unet"]["sample_size"])
+    if getattr(joint.llm.lm.config, "tie_word_embeddings", False):
+        joint.llm.lm.tie_weights()  # assign gave the tied input and output embeddings a Parameter each
     return model.eval(), shadow is not None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from capdiff.artifacts import DerivedParts, derives_autoencoder, derives_tokenizer
+from capdiff.artifacts import DerivedParts, derives_autoencoder, derives_tokenizer, joint_config
 from capdiff.checkpoints.portable import (
     PARTS_KEY,
     read_checkpoint,
@@ -119,13 +120,15 @@ def restore_parts(cfg: DictConfig, ckpt_path: str | Path) -> DerivedParts:
     that resumes may not have, or may hold for other data): the tokenizer and the first-stage autoencoder are
     written into `<run>/parts/`. Returns where (empty when the model derives nothing or the checkpoint
     carries no parts)."""
-    tokenizer, autoencoder = derives_tokenizer(cfg.model), derives_autoencoder(cfg.model)
+    joint, key = joint_config(cfg.model)
+    tokenizer, autoencoder = derives_tokenizer(joint), derives_autoencoder(joint)
     if not (tokenizer or autoencoder) or Path(ckpt_path).is_dir():  # a sharded FSDP checkpoint: no parts
-        return DerivedParts()
+        return DerivedParts(key=key)
     checkpoint = read_checkpoint(ckpt_path)
     parts = checkpoint.get(PARTS_KEY)
     if parts is None:
-        return DerivedParts()
+        return DerivedParts(key=key)
+    parts = parts.get(key, parts) if key else parts  # the GAN's text side keeps its parts under its key
     folder = Path(cfg.paths.output_dir) / "parts"
     restored = DerivedParts(
         tokenizer=str(write_files(parts["tokenizer"], folder / "tokenizer")) if tokenizer else None,
@@ -134,6 +137,25 @@ def restore_parts(cfg: DictConfig, ckpt_path: str | Path) -> DerivedParts:
             if autoencoder and "vae" in parts
             else None
         ),
+        key=key,
     )
     log.info("resuming with the tokenizer and first-stage autoencoder the checkpoint carries (%s)", folder)
     return restored
+
+
+class CheckpointHooks:
+    """The checkpoint hooks of every recipe's LightningModule (a mixin before `pl.LightningModule`): on load, an
+    older checkpoint in today's layout and Lightning's loop counters repaired; on save, the parts its plain
+    model is rebuilt from (`describe`, gathered once: they do not change during a run)."""
+
+    describe: Callable[[Any], dict]
+    _parts_record: dict | None = None
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        upgrade_checkpoint(checkpoint)
+        repair_epoch_progress(checkpoint)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._parts_record is None:
+            self._parts_record = type(self).describe(self.model)
+        checkpoint[PARTS_KEY] = self._parts_record

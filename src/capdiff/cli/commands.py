@@ -32,7 +32,7 @@ def run_caption(args: argparse.Namespace) -> None:
     ckpt = checked_checkpoint(args.ckpt)
     images = [read_image(path) for path in args.images]
     pipe = load_pipeline(ckpt, args.device)
-    require(pipe, "vision", args.ckpt)
+    require(pipe, "caption", args.ckpt)
     options = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
     with progress("captioning", len(images)) as advance:
         for start in range(0, len(images), args.batch_size):
@@ -47,7 +47,7 @@ def run_generate(args: argparse.Namespace) -> None:
     ckpt = checked_checkpoint(args.ckpt)
     folder = out_folder(args.out)
     pipe = load_pipeline(ckpt, args.device)
-    require(pipe, "diffusion", args.ckpt)
+    require(pipe, "generate", args.ckpt)
     prompts = [prompt for prompt in args.prompts for _ in range(args.num_images)]
     with progress("generating", len(prompts)) as advance:
         for start in range(0, len(prompts), args.batch_size):
@@ -66,9 +66,9 @@ def run_edit(args: argparse.Namespace) -> None:
     image = read_image(args.image)
     folder = out_folder(args.out)
     pipe = load_pipeline(ckpt, args.device)
-    require(pipe, "diffusion", args.ckpt)
+    require(pipe, "edit", args.ckpt)
     if args.strength is None and args.source_prompt is None:
-        require(pipe, "vision", args.ckpt)  # inversion under the model's own caption of the image
+        require(pipe, "caption", args.ckpt)  # inversion under the model's own caption of the image
     edited = pipe.edit(
         image,
         args.prompt,
@@ -90,7 +90,11 @@ def run_export(args: argparse.Namespace) -> None:
         raise UsageError(f"DIR {args.folder}: exists and is not a folder; pass a folder to write the export to")
     model = load_pipeline(ckpt, "cpu", option="CKPT", ema=not args.no_ema, folders=False).model
     from capdiff.export import export
+    from capdiff.joint.model import JointModel
 
+    if not isinstance(model, JointModel):
+        raise UsageError(f"CKPT {args.checkpoint}: a text_gan model has no standard sub-folders to export; use the "
+                         "checkpoint as it is (capdiff generate --ckpt)")  # fmt: skip
     print(export(model, target))
 
 

@@ -142,9 +142,19 @@ def out_folder(path: str) -> Path:
     return folder
 
 
-def require(pipe: Pipeline, part: str, ckpt: str) -> None:
-    """A UsageError when the model lacks the part a verb needs (`vision`: the captioner, `diffusion`: the UNet)."""
-    if getattr(pipe.model, part) is None:
-        trained = {"vision": "model.loss.weights.caption=0", "diffusion": "model.loss.weights.diffusion=0"}[part]
-        needs = {"vision": "a captioner", "diffusion": "a UNet"}[part]
-        raise UsageError(f"--ckpt {ckpt}: this model was trained without {needs} ({trained}); pass one that has it")
+NEEDS = {
+    "caption": ("a captioner", "trained with model.loss.weights.caption=0, or a text_gan model"),
+    "generate": ("an image generator", "trained with model.loss.weights.diffusion=0"),
+    "edit": ("a latent diffusion UNet", "editing inverts and denoises latents, which a text_gan model has not"),
+}
+
+
+def require(pipe: Pipeline, verb: str, ckpt: str) -> None:
+    """A UsageError when the model cannot do what a verb needs (`caption`, `generate`, `edit`)."""
+    model = pipe.model
+    able = {"caption": model.can_caption, "generate": model.can_generate}.get(verb)
+    if able is None:
+        able = getattr(model, "diffusion", None) is not None
+    if not able:
+        needs, why = NEEDS[verb]
+        raise UsageError(f"--ckpt {ckpt}: this model has no {needs} ({why}); pass one that has it")

@@ -21,7 +21,8 @@ from rich.progress import MofNCompleteColumn, Progress
 
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.distributed import gather_lists
-from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features, truncate_for_clip
+from capdiff.evaluation.generation import VariantScores, attributes_named, can_score
+from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features
 from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
 from capdiff.evaluation.text import caption_scores
@@ -41,6 +42,12 @@ class EvalSettings:
     caption: dict = field(default_factory=dict)  # generate() options: max_new_tokens, num_beams, do_sample, ...
     prompts: list[str] | None = None  # None: the validation captions
     samples_per_prompt: int = 1
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None  # a capdiff.postprocess chain: scored too
+
+    def variants(self) -> list[tuple[str | None, Callable | None]]:
+        """The generated images as they are, and post-processed when a chain is given (its name labels them)."""
+        chain = self.postprocess
+        return [(None, None)] + ([(getattr(chain, "name", "postprocess"), chain)] if chain is not None else [])
 
 
 def seed_for(index: int, base: int) -> int:
@@ -70,14 +77,10 @@ def progress(trainer: pl.Trainer, description: str, total: int) -> Iterator[Call
         yield lambda n: own.update(task, advance=n)
 
 
-def attributes_named(text: str) -> dict[str, str]:
-    return {k: v for k, v in parse_caption(text).items() if v is not None}
-
-
 class Evaluator(pl.LightningModule):
     def __init__(
         self,
-        model: pl.LightningModule,
+        model: torch.nn.Module,
         settings: EvalSettings,
         out_dir: str | Path,
         extractor: torch.nn.Module | None = None,
@@ -86,9 +89,11 @@ class Evaluator(pl.LightningModule):
         probe: torch.nn.Module | None = None,
         clip_score=None,
         kid_subset_size: int = 1000,
+        judge: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.judge = judge  # a joint model whose contrastive heads score image–text pairs of any recipe
         self.settings = settings
         self.out_dir = Path(out_dir)
         self.extractor = extractor
@@ -98,8 +103,9 @@ class Evaluator(pl.LightningModule):
         # A ModuleDict, so the metric states live on the module's device (NCCL syncs device tensors only).
         self.distances = torch.nn.ModuleDict(
             {
-                _scale_key(g): ImageDistances(feature, extractor.num_features, kid_subset_size)
+                _scale_key(g, name): ImageDistances(feature, extractor.num_features, kid_subset_size)
                 for g in settings.guidance_scales
+                for name, _ in settings.variants()
             }
             if extractor is not None
             else {}
@@ -109,6 +115,7 @@ class Evaluator(pl.LightningModule):
         self._records: list[dict] = []  # one per validation sample seen by this rank
         self._seen = 0
         self.metrics: dict[str, Any] = {}
+        self.not_applicable: list[str] = []  # what this model cannot be scored on (a GAN: captions, retrieval)
 
     # ---------------------------------------------------------------- test loop: validation images
     def test_step(self, batch: dict, batch_idx: int) -> None:
@@ -130,7 +137,7 @@ class Evaluator(pl.LightningModule):
             generated = model.caption(pixels, **self.settings.caption)
             for record, text in zip(records, generated, strict=True):
                 record["generated"] = text
-        if model.vision is not None and model.logit_scale is not None:
+        if can_score(model):
             image = model.vision(pixels)["image_embed"]
             text = model.encode_text(list(captions), embed=True)["text_embed"]
             for i, record in enumerate(records):
@@ -144,13 +151,16 @@ class Evaluator(pl.LightningModule):
         self._finish_real()
         records = gather_lists(self._records)
         self.metrics["num_validation"] = len(records)
+        able = {"captions": self.model.can_caption, "retrieval": can_score(self.model),
+                "generation": self.model.can_generate}  # fmt: skip
+        self.not_applicable = [what for what, yes in able.items() if not yes]
         if records and "generated" in records[0]:
             self._caption_metrics(records)
         if records and "image_embed" in records[0]:
             images = torch.stack([r["image_embed"] for r in records])
             texts = torch.stack([r["text_embed"] for r in records])
             self.metrics |= retrieval_recall(images, texts)
-        if self.model.diffusion is not None:
+        if self.model.can_generate:
             with self.trainer.precision_plugin.forward_context():  # as test_step runs: bf16 under bf16-mixed
                 self._generate()
 
@@ -222,10 +232,13 @@ class Evaluator(pl.LightningModule):
         self, jobs: list[tuple[int, str]], scale: float, samples: Path, index: list[dict], advance
     ) -> dict[str, float]:
         s = self.settings
-        predictions: list[dict] = []
-        truths: list[dict] = []
-        own_scores: list[float] = []
-        grid_images, grid_prompts = [], []
+        scorer = self.judge if self.judge is not None else self.model
+        variants = []
+        for name, transform in s.variants():
+            distances = self.distances[_scale_key(scale, name)] if self.distances else None
+            variants.append(VariantScores(name, transform, distances, self.clip_score))
+        grids: dict[str | None, list] = {name: [] for name, _ in s.variants()}
+        grid_prompts: list[str] = []
         for start in range(0, len(jobs), s.batch_size):
             numbers = [n for n, _ in jobs[start : start + s.batch_size]]
             chunk = [p for _, p in jobs[start : start + s.batch_size]]
@@ -238,45 +251,25 @@ class Evaluator(pl.LightningModule):
                 _save_png(images[i], samples / name)
                 index.append({"prompt": prompt, "seed": seed, "guidance_scale": scale, "file": name})
             advance(1)
-            if len(grid_images) < 16:
-                grid_images.append(pixels[: 16 - len(grid_images)])
-                grid_prompts += chunk[: len(grid_images[-1])]
-            if _scale_key(scale) in self.distances:
-                self.distances[_scale_key(scale)].update(self.extractor(images).double(), real=False)
-            if self.probe is not None:
-                predictions += self.probe.predict(images)
-                truths += [attributes_named(p) for p in chunk]
-            if self.clip_score is not None:
-                self.clip_score.update(images, truncate_for_clip(self.clip_score, chunk))
-            elif self.model.vision is not None and self.model.logit_scale is not None:
-                image = torch.nn.functional.normalize(self.model.vision(pixels)["image_embed"], dim=-1)
-                text = torch.nn.functional.normalize(self.model.encode_text(chunk, embed=True)["text_embed"], dim=-1)
-                own_scores += (100 * (image * text).sum(-1)).clamp(min=0).tolist()
+            room = 16 - len(grid_prompts)
+            grid_prompts += chunk[:room]
+            for scores in variants:
+                shown = scores.update(pixels, chunk, self.extractor, self.probe, scorer)
+                if room > 0:
+                    grids[scores.prefix.rstrip("/") or None].append(shown[:room])
         results: dict[str, float] = {}
-        if _scale_key(scale) in self.distances:
-            results |= self.distances[_scale_key(scale)].compute()
-        if self.clip_score is not None:
-            results["clip_score"] = float(self.clip_score.compute())
-            self.clip_score.reset()
-        elif own_scores or self.model.logit_scale is not None:
-            scores = gather_lists(own_scores)
-            results["capdiff_image_text_score"] = sum(scores) / max(1, len(scores))
-        if self.probe is not None:
-            predictions, truths = gather_lists(predictions), gather_lists(truths)
-            named = [(p, t) for p, t in zip(predictions, truths, strict=True) if t]
-            if named:
-                hits = {a: [p[a] == t[a] for p, t in named if a in t] for a in ATTRIBUTES}
-                results |= {f"probe_attr/{a}": sum(h) / len(h) for a, h in hits.items() if h}
-                per_attr = [v for k, v in results.items() if k.startswith("probe_attr/")]
-                results["probe_attr/mean"] = sum(per_attr) / len(per_attr)
-                results["probe_attr/all"] = sum(all(p[a] == t[a] for a in t) for p, t in named) / len(named)
-        if self.global_rank == 0 and grid_images:
-            caption_grid(torch.cat(grid_images), grid_prompts).save(self.out_dir / f"grid_g{scale:g}.png")
+        for scores in variants:
+            results |= scores.compute(scorer)
+        if self.global_rank == 0 and grid_prompts:
+            for name, parts in grids.items():
+                suffix = f"_{name}" if name else ""
+                caption_grid(torch.cat(parts), grid_prompts).save(self.out_dir / f"grid_g{scale:g}{suffix}.png")
         return results
 
 
-def _scale_key(scale: float) -> str:
-    return f"g{scale:g}".replace(".", "_")  # ModuleDict keys cannot hold dots
+def _scale_key(scale: float, variant: str | None = None) -> str:
+    key = f"g{scale:g}" + (f"__{variant}" if variant else "")
+    return key.replace(".", "_").replace("+", "_")  # ModuleDict keys cannot hold dots
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

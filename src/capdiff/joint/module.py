@@ -9,8 +9,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from capdiff.checkpoints.portable import PARTS_KEY, describe_parts
-from capdiff.checkpoints.resume import repair_epoch_progress, upgrade_checkpoint
+from capdiff.checkpoints.portable import describe_parts
+from capdiff.checkpoints.resume import CheckpointHooks
 from capdiff.distributed import gather_rows, seed_for_rank
 from capdiff.evaluation.validation import log_validation_losses
 from capdiff.joint.model import JointModel
@@ -19,9 +19,11 @@ from capdiff.models.compatibility import check_parts
 from capdiff.training.optimization import apply_freezing, build_optimizer, clip_gradients, trained_parameters
 
 
-class JointModule(pl.LightningModule):
+class JointModule(CheckpointHooks, pl.LightningModule):
     """`model.*` of the config: the joint model's keys (`capdiff.joint.spec.JointSpec`) and `optim`
     (`capdiff.joint.spec.Optim`); an unknown key fails naming the valid ones."""
+
+    describe = staticmethod(describe_parts)  # every part's config and the tokenizer: the checkpoint loads anywhere
 
     def __init__(self, optim: dict | None = None, **model: Any) -> None:
         super().__init__()
@@ -29,7 +31,6 @@ class JointModule(pl.LightningModule):
         spec, self.optim = self.parse_config({"optim": optim, **model})
         self.model = JointModel(spec)
         apply_freezing(self.model)
-        self._parts_record: dict | None = None  # what checkpoints carry to rebuild the model (on_save_checkpoint)
         compile_spec = spec.speed.compile
         options = {k: v for k, v in vars(compile_spec).items() if k not in ("unet", "llm") and v is not None}
         # in place (`Module.compile`), so checkpoint keys stay the same with and without it
@@ -109,15 +110,3 @@ class JointModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    # ------------------------------------------------------------ checkpoints
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        upgrade_checkpoint(checkpoint)
-        repair_epoch_progress(checkpoint)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Every part's config and the tokenizer's files, so the checkpoint loads anywhere; they do not change
-        # during a run, so they are gathered (the tokenizer written out and read back) once.
-        if self._parts_record is None:
-            self._parts_record = describe_parts(self.model)
-        checkpoint[PARTS_KEY] = self._parts_record

@@ -19,7 +19,9 @@ class NonFiniteGuard(pl.Callback):
 
     The backward of the non-finite loss still runs on every rank, so each gradient all-reduce of DDP and FSDP
     is made by all of them; the gradients are dropped before the optimizer reads them, where Lightning's
-    loss scaler (16-mixed) has already unscaled them, so it steps nothing and lowers its scale."""
+    loss scaler (16-mixed) has already unscaled them, so it steps nothing and lowers its scale. Under manual
+    optimization (the GAN's D and G steps) each optimizer's step is judged by the backwards since the last
+    one: a non-finite D loss skips D's step while G's goes on."""
 
     def __init__(self, max_skips: int = 10, checkpoint: bool = True) -> None:
         self.max_skips = max_skips
@@ -36,8 +38,9 @@ class NonFiniteGuard(pl.Callback):
             self._pending = float(loss.detach())
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        self.step_skipped, self._to_report, self._pending = self._pending is not None, self._pending, None
-        if self.step_skipped:
+        self.step_skipped = self._pending is not None
+        if self.step_skipped:  # (kept for the batch's end: a later optimizer of the batch may step fine)
+            self._to_report, self._pending = self._pending, None
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves a parameter without a gradient as it is
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, *args) -> None:
