@@ -88,6 +88,7 @@ def test_the_gan_trains_and_its_checkpoint_generates_and_evaluates(gan_cfg, smok
     assert set(report["settings"]["not_applicable"]) == {"captions", "retrieval"}  # said, not reported as 0
 
 
+@pytest.mark.slow  # with `make test-slow` (CI runs it)
 def test_the_gan_trains_on_shards_in_bf16(gan_cfg, tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     for n in range(2):
@@ -103,6 +104,7 @@ def test_the_gan_trains_on_shards_in_bf16(gan_cfg, tmp_path: Path) -> None:
     assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
+@pytest.mark.slow  # with `make test-slow` (CI runs it)
 def test_a_resumed_gan_run_goes_on_with_its_steps_optimizers_and_ema(gan_cfg, tmp_path: Path) -> None:
     quiet = ["callbacks.sample_grid=null", "callbacks.periodic_eval=null"]
     train(gan_cfg(*quiet))
@@ -116,6 +118,7 @@ def test_a_resumed_gan_run_goes_on_with_its_steps_optimizers_and_ema(gan_cfg, tm
     assert ema["updates"] == 8 and all(k.startswith(("generator.", "text.")) for k in ema["shadow"])
 
 
+@pytest.mark.slow  # with `make test-slow` (CI runs it)
 def test_two_ranks_step_both_networks_and_keep_the_same_weights(smoke_root: Path, tmp_path: Path) -> None:
     record = ["+callbacks.final._target_=tests.recording.FinalWeights", f"+callbacks.final.out={tmp_path / 'w'}"]
     overrides = [*GAN_SMOKE, "trainer=ddp_cpu", "trainer.devices=2", "callbacks.sample_grid=null",
@@ -155,6 +158,7 @@ class PoisonDiscriminator(pl.Callback):
             self.after = {n: p.detach().clone() for n, p in pl_module.model.discriminator.named_parameters()}
 
 
+@pytest.mark.slow  # with `make test-slow` (CI runs it)
 def test_a_nonfinite_discriminator_loss_skips_its_step_and_training_goes_on(gan_cfg, tmp_path: Path) -> None:
     from capdiff.training.nonfinite import find_guard
 
