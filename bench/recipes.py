@@ -86,7 +86,7 @@ def main() -> None:
         run("evaluate.py", folder, f"ckpt_path={checkpoint}", *evaluation, *data[2:])
         report = json.loads((folder / "metrics.json").read_text())
         steps = read_checkpoint(checkpoint)["global_step"] // (2 if name == "text_gan" else 1)  # G + D per batch
-        chain = "+".join(s if isinstance(s, str) else s["name"] for s in report["settings"]["postprocess"])
+        chain = report["settings"]["postprocess"]  # the chain's name, or None
         rows.append((name, "none", report["metrics"], folder / "grid_g4.png", steps))
         if chain:
             shown = {k.removeprefix(f"{chain}/"): v for k, v in report["metrics"].items() if k.startswith(chain)}

@@ -257,7 +257,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 "fid_feature": feature,
                 "skipped": {"fid_kid": skipped} if skipped else {},
                 "not_applicable": evaluator.not_applicable,
-                "postprocess": OmegaConf.to_container(cfg.eval.get("postprocess") or [], resolve=True),
+                "postprocess": settings.postprocess.name if settings.postprocess is not None else None,
                 "judge": cfg.eval.get("judge"),
                 "samples_per_prompt": settings.samples_per_prompt,
                 "data": OmegaConf.to_container(cfg.data, resolve=True),

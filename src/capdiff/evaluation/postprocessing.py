@@ -20,7 +20,8 @@ def _step_name(step) -> str:
 
 def postprocess_from(cfg: DictConfig, datamodule: ImageTextDataModule) -> PostProcess | None:
     """The chain of `eval.postprocess` (None when empty), with the reference its `color` step needs."""
-    steps = OmegaConf.to_container(cfg.eval.get("postprocess") or [], resolve=True)
+    node = cfg.eval.get("postprocess")
+    steps = OmegaConf.to_container(node, resolve=True) if node else []
     if not steps:
         return None
     reference = None
