@@ -11,17 +11,23 @@ from PIL import Image
 
 _WHITE = (255, 255, 255)
 
+# The value that stands for white in each mode whose `convert("L")` clips rather than scales (PIL turns a
+# 16-bit 4096, a dark grey, into 255). "I" is what PIL 12 gives 16-bit PGM (any maxval, rescaled to 65535)
+# and older Pillow gave 16-bit PNG; "F" is float TIFF, whose image tools write [0, 1].
+_FULL_SCALE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
 
 def to_rgb_uint8(image: Image.Image) -> Image.Image:
-    """Any PIL mode → 8-bit RGB; transparency is composited on white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit greyscale: PIL's convert("L") clips instead of scaling, so scale by the data's range.
-        array = np.asarray(image, dtype=np.float64)
-        top = array.max() if array.size else 1.0
-        array = np.clip(array / (top if top > 0 else 1.0) * 255.0, 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
+    """Any PIL mode → 8-bit RGB; transparency (alpha, or a PNG's transparent colour) is composited on white.
+
+    High-bit-depth greyscale is scaled by its bit depth, never by its own range, so a dark 16-bit image stays
+    dark. PIL itself reduces 16-bit RGB and RGBA PNGs to 8 bits when it opens them, and decodes CMYK JPEGs
+    with the Adobe (inverted) convention that Photoshop writes.
+    """
+    if image.mode in _FULL_SCALE:
+        image = _wide_grey_to_8bit(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
         rgba = image.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*_WHITE, 255))
         canvas.alpha_composite(rgba)
@@ -29,6 +35,20 @@ def to_rgb_uint8(image: Image.Image) -> Image.Image:
     if image.mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+def _wide_grey_to_8bit(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or float greyscale → "L", or "LA" when a 16-bit PNG names a transparent grey level."""
+    values = np.asarray(image)
+    full = _FULL_SCALE[image.mode]
+    unit = np.nan_to_num(values.astype(np.float64) / full, nan=0.0, posinf=1.0, neginf=0.0)
+    grey = Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255).astype(np.uint8))
+    key = image.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    # The key is a 16-bit level: matched before scaling, which maps up to 257 levels onto each 8-bit one.
+    alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
 
 
 def resize_crop(image: Image.Image, size: int, random_crop: bool = False, rng: random.Random | None = None):
