@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from diffusers import AutoencoderKL
 
 from capdiff.artifacts import prepare_latents
@@ -73,6 +75,52 @@ def test_cached_shards_keep_every_member_and_add_the_posterior(tmp_path: Path) -
     with pytest.raises(BadSample) as bad:
         decode_sample(sample | {"latents.npy": b"not numpy"}, latent_spec, rng=None)
     assert bad.value.reason == "bad_latents"
+
+
+class Payload:
+    """What a hostile shard hides in a pickle: unpickling it touches `marker` (harmless, and visible)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_a_cache_built_from_shards_with_pickle_members_never_unpickles_them(tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    payload = pickle.dumps(Payload(marker))
+    as_pth, as_npy = io.BytesIO(), io.BytesIO()
+    torch.save(Payload(marker), as_pth)
+    np.save(as_npy, np.array([Payload(marker)], dtype=object), allow_pickle=True)
+    hostile = {"pickle": payload, "pyd": payload, "pth": as_pth.getvalue(), "npy": as_npy.getvalue()}
+    members = []
+    for name, data in good_members("s", 3):
+        members.append((name, data))
+        if name.endswith(".txt"):  # each sample carries every hostile member, and a poisoned latents.npy
+            key = name.removesuffix(".txt")
+            members += [(f"{key}.{ext}", data) for ext, data in hostile.items()]
+            members.append((f"{key}.latents.npy", as_npy.getvalue()))
+    shard = write_tar(tmp_path / "in" / "train-0.tar", members)
+
+    counts = cache_latents([str(shard)], tmp_path / "out", tiny_vae(), "v", image_size=16)
+    assert counts["written"] == 3
+    cached = members_of(tmp_path / "out" / "train-0.tar")
+    for key in ("s00000", "s00001", "s00002"):
+        assert {ext: cached[f"{key}.{ext}"] for ext in hostile} == hostile  # kept byte for byte
+        assert np.load(io.BytesIO(cached[f"{key}.latents.npy"]), allow_pickle=False).shape == (2, 4, 8, 8)
+
+    # Training from the cache reads the image, the caption and latents.npy, without pickle.
+    spec = DecodeSpec(16, CaptionKey.parse("txt"), latents=True)
+    samples = list(wds.tarfile_samples([{"url": str(tmp_path / "out" / "train-0.tar")}]))
+    assert [decode_sample(s, spec, rng=None)["latent_mean"].shape for s in samples] == [(4, 8, 8)] * 3
+    with pytest.raises(BadSample) as poisoned:
+        decode_sample(samples[0] | {"latents.npy": as_npy.getvalue()}, spec, rng=None)
+    assert poisoned.value.reason == "bad_latents"
+    assert not marker.exists()
+
+    pickle.loads(cached["s00000.pickle"])
+    assert marker.exists()  # the kept bytes were armed all along: nothing above unpickled them
 
 
 def test_each_rank_caches_its_share_and_finished_shards_are_kept(tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ plus `latents.npy`, the posterior's mean and std stacked as 2×C×h×w float32. 
 draws `mean + std·ε` per step (the same draw the VAE would make), so sampling stays stochastic and the VAE
 never runs at train time. The image stays in the sample because the captioner and the contrastive loss see it.
 
+Only the image and the caption are decoded: every other member (`.pyd`, `.pickle`, `.pth`, an object `.npy`)
+is copied as the bytes it was, and an input's own `latents.npy` is replaced unread, so a payload hidden in a
+shard never runs here, and `latents.npy` is read back without pickle (`latent_format.decode_latents`).
+
 `capdiff_latents.json` beside the shards records the VAE (a fingerprint of its encoder weights), the image
 size and the latent shape; `train.py` refuses a cache made with another VAE or size.
 
@@ -31,7 +35,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from capdiff.data.decode import BadSample, CaptionKey
-from capdiff.data.latent_format import LATENTS
+from capdiff.data.latent_format import LATENTS, encode_latents
 from capdiff.data.streams import DecodeSpec, collate, decode_sample
 from capdiff.data.transforms import as_unit
 from capdiff.data.urls import count_samples, expand_urls, local_path
@@ -97,9 +101,8 @@ def cache_shard(
         posterior = vae.encode(as_unit(batch["pixels"].to(device)).to(vae.dtype)).latent_dist
         stacked = torch.stack([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
         for (raw, _), latents in zip(pending, stacked, strict=True):
-            writer.write(
-                {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"} | {LATENTS: latents}
-            )
+            kept = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+            writer.write(kept | {LATENTS: encode_latents(latents)})
         counts["written"] += len(pending)
         if progress is not None:
             progress.advance(task, len(pending))
@@ -110,7 +113,9 @@ def cache_shard(
         log.warning("%s: %r", url, err)
         return True
 
-    with wds.TarWriter(str(temporary)) as writer:
+    # encoder=False: members are written as the bytes they are; the default encoder pickles a value that is
+    # not bytes under a .pyd or .pickle name.
+    with wds.TarWriter(str(temporary), encoder=False) as writer:
         for raw in wds.tarfile_samples([{"url": url}], handler=on_error):
             try:
                 decoded = decode_sample(raw, spec, rng=None)

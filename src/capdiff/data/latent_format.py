@@ -12,8 +12,15 @@ from capdiff.data.decode import BadSample
 LATENTS = "latents.npy"
 
 
+def encode_latents(mean_std: np.ndarray) -> bytes:
+    """(mean, std) stacked as 2×C×h×w → `latents.npy` bytes: float32, never a pickle."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(mean_std, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def decode_latents(data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-    """`latents.npy` bytes → (mean, std), each C×h×w float32."""
+    """`latents.npy` bytes → (mean, std), each C×h×w float32; an object array (a pickle) is a bad sample."""
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
