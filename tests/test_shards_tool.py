@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from capdiff.data import ImageTextDataModule
 from capdiff.data.shards import main as shards_main
+from capdiff.data.urls import expand_urls
 from tests.helpers import image_bytes
 
 
@@ -118,3 +121,75 @@ def test_the_shard_tool_starts_without_lightning_and_the_package_names_still_res
     check = "import sys, capdiff.data.shards; assert 'pytorch_lightning' not in sys.modules, 'Lightning was imported'"
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def sample_keys(shards: list[Path]) -> list[str]:
+    keys = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            keys += [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".png")]
+    return keys
+
+
+def write_split(source: Path, out: Path, capsys, *flags: str) -> dict:
+    assert shards_main(["write", str(source), str(out), "--json", *flags]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return {
+        split: set(sample_keys(sorted(Path(u) for u in expand_urls(info["urls"], split))))
+        for split, info in report["splits"].items()
+    }
+
+
+def pictures(folder: Path, names: range) -> Path:
+    for i in names:
+        (folder / f"p{i:04d}.png").parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"p{i:04d}.png").write_bytes(image_bytes(size=(8, 8)))
+        (folder / f"p{i:04d}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def test_val_fraction_splits_by_key_the_same_way_on_every_run_and_as_files_are_added(tmp_path: Path, capsys) -> None:
+    source = pictures(tmp_path / "pics", range(400))
+    first = write_split(source, tmp_path / "a", capsys, "--val-fraction", "0.1", "--shard-size", "100")
+    assert not first["train"] & first["val"]
+    assert first["train"] | first["val"] == {f"p{i:04d}" for i in range(400)}
+    assert 25 <= len(first["val"]) <= 55  # 40 expected; the hash is fixed, so this never flakes
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert names == [f"train-{i:06d}.tar" for i in range(4)] + ["val-000000.tar"]
+
+    assert write_split(source, tmp_path / "b", capsys, "--val-fraction", "0.1", "--shard-size", "100") == first
+    pictures(source, range(400, 500))
+    grown = write_split(source, tmp_path / "c", capsys, "--val-fraction", "0.1", "--shard-size", "100")
+    assert first["val"] <= grown["val"] and first["train"] <= grown["train"]
+
+
+def test_a_key_listed_twice_lands_in_one_split(tmp_path: Path, capsys) -> None:
+    pictures(tmp_path / "pics", range(40))
+    rows = ["path,caption"] + [f"pics/p{i:04d}.png,copy {copy}" for i in range(40) for copy in (1, 2)]
+    (tmp_path / "table.csv").write_text("\n".join(rows))
+    split = write_split(tmp_path / "table.csv", tmp_path / "out", capsys, "--val-fraction", "0.5")
+    assert len(split["train"]) + len(split["val"]) == 80  # both copies are kept: p0000 and p0000_1
+    stems = {name: {k.removesuffix("_1") for k in keys} for name, keys in split.items()}
+    assert stems["train"] and stems["val"] and not stems["train"] & stems["val"]
+
+
+def test_the_printed_urls_train_and_validate_on_the_split(image_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    command = [sys.executable, "-m", "capdiff.data.shards", "write", str(image_folder), str(out)]
+    done = subprocess.run([*command, "--val-fraction", "0.5"], capture_output=True, text=True, check=True)
+    overrides = dict(re.findall(r"\"(data\.\w+_urls)='([^']+)'\"", done.stdout))
+    assert set(overrides) == {"data.train_urls", "data.val_urls"}
+    dm = ImageTextDataModule(overrides["data.train_urls"], overrides["data.val_urls"], image_size=16, num_workers=0)
+    dm.setup()
+    val = [c for b in dm.val_dataloader() for c in b["captions"]]
+    assert 0 < len(val) < 7 and dm.samples_per_epoch == 7 - len(val)
+
+
+@pytest.mark.parametrize("fraction", ["1", "1.5", "-0.1", "nan", "a tenth"])
+def test_a_val_fraction_outside_zero_to_one_names_the_flag(
+    image_folder: Path, tmp_path: Path, fraction, capsys
+) -> None:
+    with pytest.raises(SystemExit) as exit:
+        shards_main(["write", str(image_folder), str(tmp_path / "out"), f"--val-fraction={fraction}"])
+    assert exit.value.code == 2
+    assert "--val-fraction" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -2,7 +2,9 @@
 
 `write` packs an image folder with sidecar captions (the img2dataset layout: `a/0001.jpg` + `a/0001.txt`
 and/or `a/0001.json`) or a CSV/JSONL table of `path,caption` rows into plain WebDataset tar shards.
-Every image is decoded once to validate it; bad files are reported and left out, never fatal.
+Every image is decoded once to validate it; bad files are reported and left out, never fatal. With
+`--val-fraction` a share of the samples goes to `val-` shards beside the training ones, chosen by a hash of
+each sample's key alone: a sample's split does not depend on the run or on the other files.
 
 `inspect` reports samples per shard, the members present, a few captions and the bad-sample counts the
 training pipeline would see with a given caption key.
@@ -11,7 +13,9 @@ training pipeline would see with a given caption key.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import hashlib
 import json
 import re
 import sys
@@ -36,6 +40,7 @@ from capdiff.data.decode import (
 from capdiff.data.urls import expand_urls
 
 DEFAULT_MAX_PIXELS = 64_000_000
+_SHARD_NUMBER = re.compile(r"%0?\d*d")  # where an output pattern numbers its shards, as ShardWriter fills it
 
 
 @dataclass
@@ -44,18 +49,20 @@ class Source:
 
     image: Path
     key: str
+    # The key before the `_n` a duplicate gets: what the train/val split hashes, so duplicates share a split.
+    stem: str
     caption: str | None = None
     extra: dict = field(default_factory=dict)
 
 
-def _key_for(relative: Path, taken: set[str]) -> str:
+def _source(image: Path, relative: Path, taken: set[str], **fields) -> Source:
     # webdataset splits a member name at the first dot of its basename: keys must not contain dots.
-    key = re.sub(r"[^A-Za-z0-9_-]+", "_", str(relative.with_suffix("")))
-    unique, n = key, 1
-    while unique in taken:
-        unique, n = f"{key}_{n}", n + 1
-    taken.add(unique)
-    return unique
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(relative.with_suffix("")))
+    key, n = stem, 1
+    while key in taken:
+        key, n = f"{stem}_{n}", n + 1
+    taken.add(key)
+    return Source(image, key, stem, **fields)
 
 
 def _image_ext(path: Path) -> str | None:
@@ -66,7 +73,7 @@ def _image_ext(path: Path) -> str | None:
 def sources_from_folder(folder: Path) -> Iterator[Source]:
     taken: set[str] = set()
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and _image_ext(p)):
-        yield Source(path, _key_for(path.relative_to(folder), taken))
+        yield _source(path, path.relative_to(folder), taken)
 
 
 def sources_from_table(table: Path) -> Iterator[Source]:
@@ -82,7 +89,7 @@ def sources_from_table(table: Path) -> Iterator[Source]:
         image = Path(row.pop("path"))
         image = image if image.is_absolute() else table.parent / image
         caption = row.pop("caption", None)
-        yield Source(image, _key_for(Path(image.name), taken), caption, dict(row))
+        yield _source(image, Path(image.name), taken, caption=caption, extra=dict(row))
 
 
 def pack(source: Source, max_pixels: int) -> dict:
@@ -117,13 +124,50 @@ def pack(source: Source, max_pixels: int) -> dict:
     return sample
 
 
-def write_shards(sources: Iterator[Source], pattern: str, shard_size: int, max_pixels: int, console: Console) -> dict:
-    """Write good samples into shards named by `pattern` (`out/shard-%06d.tar`); returns a report."""
+def val_share(stem: str) -> float:
+    """Where a sample falls in [0, 1): below `--val-fraction` it is a validation sample.
+
+    A hash of its key alone (not Python's `hash`, which changes per process), so re-running the tool, or
+    adding files, never moves a sample across the split.
+    """
+    return int.from_bytes(hashlib.sha256(stem.encode()).digest()[:8], "big") / 2**64
+
+
+def val_pattern(pattern: str) -> str:
+    """The validation shards beside `pattern`'s: `train-%06d.tar` → `val-%06d.tar`, `a-%04d.tar` → `val-a-%04d.tar`."""
+    path = Path(pattern)
+    name = "val" + path.name[len("train") :] if path.name.startswith("train") else f"val-{path.name}"
+    return str(path.with_name(name))
+
+
+def brace_urls(pattern: str, shards: int) -> str:
+    """The `shards` files written at `pattern`, in the brace notation data.train_urls and data.val_urls take."""
+    number = _SHARD_NUMBER.search(pattern)
+    first, last = number.group() % 0, number.group() % (shards - 1)
+    span = first if shards == 1 else f"{{{first}..{last}}}"
+    return str(Path(pattern[: number.start()] + span + pattern[number.end() :]).absolute())
+
+
+def write_shards(
+    sources: Iterator[Source],
+    pattern: str,
+    shard_size: int,
+    max_pixels: int,
+    console: Console,
+    val_fraction: float = 0.0,
+) -> dict:
+    """Write good samples into shards named by `pattern` (`out/shard-%06d.tar`), those whose key hashes below
+    `val_fraction` into `val_pattern(pattern)`; returns a report."""
+    patterns = {"train": pattern} | ({"val": val_pattern(pattern)} if val_fraction > 0 else {})
     bad: Counter = Counter()
     examples: list[str] = []
-    written = 0
+    written: Counter = Counter()
     Path(pattern % 0).parent.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(pattern, maxcount=shard_size, encoder=False, verbose=0) as sink:
+    with contextlib.ExitStack() as stack:
+        sinks = {
+            split: stack.enter_context(wds.ShardWriter(p, maxcount=shard_size, encoder=False, verbose=0))
+            for split, p in patterns.items()
+        }
         for source in track(list(sources), description="packing", console=console, transient=True):
             try:
                 sample = pack(source, max_pixels)
@@ -132,10 +176,21 @@ def write_shards(sources: Iterator[Source], pattern: str, shard_size: int, max_p
                 if len(examples) < 20:
                     examples.append(f"{source.image}: {err}")
                 continue
-            sink.write(sample)
-            written += 1
-        shards = sink.shard
-    return {"written": written, "shards": shards, "bad": dict(bad), "bad_examples": examples}
+            split = "val" if val_share(source.stem) < val_fraction else "train"
+            sinks[split].write(sample)
+            written[split] += 1
+        shards = {split: sink.shard for split, sink in sinks.items()}
+    splits = {
+        split: {"samples": written[split], "shards": shards[split], "pattern": p, "urls": brace_urls(p, shards[split])}
+        for split, p in patterns.items()
+    }
+    return {
+        "written": written.total(),
+        "shards": sum(shards.values()),
+        "splits": splits,
+        "bad": dict(bad),
+        "bad_examples": examples,
+    }
 
 
 def inspect_shard(url: str, caption_key: CaptionKey, max_pixels: int, show: int) -> dict:
@@ -182,9 +237,17 @@ def _cmd_write(args: argparse.Namespace, console: Console) -> int:
         return 2
     pattern = args.output
     if "%" not in pattern:
-        pattern = str(Path(pattern) / "shard-%06d.tar")
-    report = write_shards(sources, pattern, args.shard_size, args.max_pixels, console)
-    console.print(f"wrote {report['written']} samples to {report['shards']} shards: {pattern}")
+        pattern = str(Path(pattern) / ("train-%06d.tar" if args.val_fraction else "shard-%06d.tar"))
+    elif not _SHARD_NUMBER.search(pattern):
+        console.print(f"[red]{pattern} has no shard number: use a pattern such as out/shard-%06d.tar, or a folder")
+        return 2
+    report = write_shards(sources, pattern, args.shard_size, args.max_pixels, console, args.val_fraction)
+    for split in report["splits"].values():
+        console.print(f"wrote {split['samples']} samples to {split['shards']} shards: {split['pattern']}")
+    urls = {f"data.{split}_urls": info["urls"] for split, info in report["splits"].items()}
+    console.print(" ".join(f"\"{key}='{value}'\"" for key, value in urls.items()), markup=False, soft_wrap=True)
+    if report["splits"].get("val", {}).get("samples") == 0:
+        console.print(f"[yellow]no sample fell in the validation split: raise --val-fraction={args.val_fraction}")
     if report["bad"]:
         console.print(f"[yellow]left out {sum(report['bad'].values())} bad files: {report['bad']}")
         for line in report["bad_examples"]:
@@ -216,6 +279,16 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in [0, 1): the share of samples for validation, e.g. 0.05")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m capdiff.data.shards", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("output", help="output folder, or a pattern such as out/shard-%%06d.tar")
     write.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     write.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images are left out")
+    write.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="write this share of the samples (0 <= F < 1) to val- shards beside the training ones, chosen by a "
+        "hash of each sample's key: re-running, or adding files, never moves a sample between train and val, "
+        "and a key listed twice lands in one split",
+    )
     write.add_argument("--json", action="store_true", help="also print the report as JSON")
     inspect = commands.add_parser("inspect", help="summarize shards: samples, members, captions, bad samples")
     inspect.add_argument("shards", nargs="+", help="shard paths or URLs (brace notation allowed)")
