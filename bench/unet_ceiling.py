@@ -25,8 +25,10 @@ from torch import nn
 from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import attribute_accuracy, load_probe, parse_caption, probe_folder, read_split
+from capdiff.joint.spec import Optim, parse
 from capdiff.sampling import ddim_sample
 from capdiff.train import build_datamodule, build_model
+from capdiff.training.optimization import group_lr
 
 VOCAB = {
     "shape": list(SHAPES),
@@ -62,7 +64,7 @@ def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list
     diffusion = build_model(cfg, datamodule).model.diffusion.train()
     condition = AttributeTokens(diffusion.unet.config.cross_attention_dim)
     params = [*diffusion.unet.parameters(), *condition.parameters()]
-    lr = float(cfg.model.optim.groups.unet.get("lr", cfg.model.optim.lr))
+    lr = group_lr(parse(Optim, cfg.model.optim, "model.optim"), "unet")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.model.optim.weight_decay, fused=True)
     warmup = cfg.model.optim.warmup_steps
 

@@ -55,7 +55,7 @@ def test_an_optuna_search_runs_its_trials_and_reports_the_best(smoke_root: Path,
     assert done.returncode == 0, done.stderr[-3000:]
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) == {
-        "model.optim.lr", "model.optim.groups.unet.lr", "model.loss.weights.contrastive", "model.caption_dropout",
+        "model.optim.lr", "model.optim.groups.unet.lr_scale", "model.loss.weights.contrastive", "model.caption_dropout",
     }  # fmt: skip
     values = []
     for job in ("0", "1"):

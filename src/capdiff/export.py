@@ -67,8 +67,8 @@ def export(model: JointModel, folder: str | Path) -> Path:
     model.llm.tokenizer.save_pretrained(folder / "llm")
     hparams["llm"] = dict(hparams["llm"]) | {"name_or_path": "llm", "tokenizer": "llm", "lora": {}}
     if model.vision is not None:
-        model.vision.tower.save_pretrained(folder / "vision")
-        hparams["vision"] = dict(hparams.get("vision") or {}) | {"name_or_path": "vision"}
+        merged(model.vision.tower).save_pretrained(folder / "vision")
+        hparams["vision"] = dict(hparams.get("vision") or {}) | {"name_or_path": "vision", "lora": {}}
     if model.diffusion is not None:
         merged(model.diffusion.unet).save_pretrained(folder / "unet")
         model.diffusion.vae.save_pretrained(folder / "vae")

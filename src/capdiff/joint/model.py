@@ -65,6 +65,10 @@ class JointModel(nn.Module):
                 embed_dim=embed_dim,
                 **resampler,
             )
+            # Not reentrant: the pixels need no gradient, and a reentrant checkpoint would then cut the LoRA
+            # adapters' gradients off.
+            reentrant = {"use_reentrant": False}
+            _adapt(self.vision.tower, spec.vision, "model.vision", lambda m: m.gradient_checkpointing_enable(reentrant))
             check_positions(self.llm, self.vision.num_tokens)
 
         self.diffusion = None

@@ -63,6 +63,8 @@ class Vision:
     name_or_path: str | None = None
     config: dict[str, Any] | None = None  # transformers CLIPVisionConfig of a from-scratch tower
     freeze: bool = False
+    gradient_checkpointing: bool = False
+    lora: Lora = field(default_factory=Lora)
     resampler: Resampler = field(default_factory=Resampler)
 
 
@@ -160,13 +162,15 @@ class JointSpec:
 
 @dataclass
 class GroupOptim:
-    lr: float | None = None
+    lr_scale: float = 1.0  # the part's lr is model.optim.lr × this, so a sweep of model.optim.lr moves every part
+    lr: float | None = None  # an absolute lr instead, which no longer follows model.optim.lr
     weight_decay: float | None = None
 
 
 @dataclass
 class Optim:
-    """AdamW and its warm-up + cosine schedule; `groups.<part>` overrides lr / weight decay per part."""
+    """AdamW and its warm-up + cosine schedule; `groups.<part>` scales (or sets) lr and sets weight decay per
+    part."""
 
     lr: float = 3e-4
     weight_decay: float = 0.01

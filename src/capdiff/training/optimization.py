@@ -25,7 +25,7 @@ def apply_freezing(model: JointModel) -> None:
     spec, weights = model.spec, model.weights
     if spec.llm.freeze and not spec.llm.lora.enabled:
         freeze(model.llm.lm)
-    if model.vision is not None and spec.vision.freeze:
+    if model.vision is not None and spec.vision.freeze and not spec.vision.lora.enabled:
         freeze(model.vision.tower)
     if model.diffusion is not None and spec.unet.freeze and not spec.unet.lora.enabled:
         freeze(model.diffusion.unet)
@@ -70,17 +70,26 @@ def trained_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def group_lr(optim: Optim, part: str) -> float:
+    """A part's learning rate: `model.optim.lr` × `model.optim.groups.<part>.lr_scale`, or the group's own
+    absolute `lr` where one is set (configs and checkpoints written before lr_scale set them that way)."""
+    own = optim.groups.get(part)
+    if own is None:
+        return optim.lr
+    return own.lr if own.lr is not None else optim.lr * own.lr_scale
+
+
 def build_optimizer(model: nn.Module, optim: Optim, trainer: pl.Trainer | None) -> dict:
-    """AdamW over the part groups (`model.optim.groups.<part>` overrides lr / weight decay; biases and norms
-    without decay), and the schedule: a linear warm-up, then a cosine decay to `min_lr_ratio` of each group's
-    lr at the run's last optimizer step. Lightning's `configure_optimizers` return value."""
+    """AdamW over the part groups (`model.optim.groups.<part>` scales lr and sets weight decay; biases and
+    norms without decay), and the schedule: a linear warm-up, then a cosine decay to `min_lr_ratio` of each
+    group's lr at the run's last optimizer step. Lightning's `configure_optimizers` return value."""
     unknown = sorted(set(optim.groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"model.optim.groups: {unknown} are not parts; the parts are {', '.join(GROUPS)}.")
     groups = []
     for part, named in param_groups(model).items():
         own = optim.groups.get(part)
-        lr = own.lr if own is not None and own.lr is not None else optim.lr
+        lr = group_lr(optim, part)
         decay = own.weight_decay if own is not None and own.weight_decay is not None else optim.weight_decay
         groups.append({"params": [p for _, p in named if p.ndim >= 2], "name": part, "lr": lr, "weight_decay": decay})
         no_decay = [p for _, p in named if p.ndim < 2]
