@@ -3,17 +3,22 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,slurm,sweep,demo
-STAMP := $(VENV)/.capdiff-installed
+# One stamp per set of extras: `make install EXTRAS=dev,inception` installs again, and a later `make train`
+# (the default set, already installed) does not.
+comma := ,
+STAMP := $(VENV)/.capdiff-installed-$(subst $(comma),-,$(EXTRAS))
 ARGS ?=
+# The benchmarks of docs/benchmarks.md that `make bench` runs in turn (bench/fullsize.py: `make bench-fullsize`).
+BENCHMARKS := overhead data_pipeline latents sampling gpu step ema unet_ceiling
 
 .PHONY: install train test test-slow test-slurm test-all lint format bench bench-fullsize clean
 
 install: $(STAMP)
 
-# uv installs the pinned set in about 10 s where pip takes 1 min 43 s (fresh venv, empty caches, measured on
-# 2 cores), time the built-in default run spends training instead. uv does not read pip's configuration, so
-# pip's index and wheel-folder settings are passed on (on a CPU machine the local torch build can be such a
-# folder); should uv fail, pip installs the same pinned set.
+# uv installs the pinned set several times faster than pip (docs/benchmarks.md), time the built-in default run
+# spends training instead. uv does not read pip's configuration, so pip's index and wheel-folder settings are
+# passed on (on a CPU machine the local torch build can be such a folder); should uv fail, pip installs the
+# same pinned set.
 pip_setting = $(shell $(PYTHON) -m pip config list 2>/dev/null | sed -n "s/^[^=]*\.$(1)='\(.*\)'$$/\1/p")
 UV_SOURCES = $(foreach d,$(sort $(call pip_setting,find-links)),--find-links $(d)) \
 	$(foreach u,$(call pip_setting,extra-index-url),--extra-index-url $(u)) \
@@ -48,9 +53,9 @@ test-slurm: install
 test-all: install
 	$(PY) -m pytest -m "not gpu" $(ARGS)
 
-# Every benchmark in turn (docs/benchmarks.md); each prints a table and its RATIO lines.
+# Each prints a table and its RATIO lines; `make bench ARGS=--quick` for a smoke run of all of them.
 bench: install
-	for b in overhead step data_pipeline latents sampling ema gpu; do $(PY) bench/$$b.py $(ARGS) || exit 1; done
+	for b in $(BENCHMARKS); do $(PY) bench/$$b.py $(ARGS) || exit 1; done
 
 # experiment=joint_ddim at the published sizes through an offline hub (docs/benchmarks.md): ~20 GB of memory,
 # ~25 GB of disk under data/fullsize (the hub is kept for the next run; checkpoints and export are not).
