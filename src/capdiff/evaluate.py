@@ -168,7 +168,7 @@ def fid_feature(cfg: DictConfig, shapes: bool) -> tuple[str | None, str | None]:
     return None, (
         "no feature network for these images: set eval.fid.feature=clip eval.fid.name_or_path=<a CLIP, e.g. "
         "openai/clip-vit-base-patch16> (or dinov2 with a DINOv2), or eval.fid.feature=inception after "
-        "`pip install -e '.[inception]'`"
+        "`make install EXTRAS=dev,slurm,sweep,demo,inception`"
     )
 
 

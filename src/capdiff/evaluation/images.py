@@ -93,9 +93,9 @@ def inception_features(weights_path: str | None) -> nn.Module:
         )
     except ModuleNotFoundError as err:
         raise ModuleNotFoundError(
-            "eval.fid.feature=inception needs torch-fidelity: `pip install -e '.[inception]'` (it downloads the "
-            "Inception weights on first use; pass eval.fid.weights_path=<file> where there is no network), or "
-            "use eval.fid.feature=probe|clip|dinov2."
+            "eval.fid.feature=inception needs torch-fidelity: `make install EXTRAS=dev,slurm,sweep,demo,inception` "
+            "(it downloads the Inception weights on first use; pass eval.fid.weights_path=<file> where there is no "
+            "network), or use eval.fid.feature=probe|clip|dinov2."
         ) from err
 
 
