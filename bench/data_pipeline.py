@@ -3,7 +3,7 @@
 Writes realistic JPEG shards first (photo-like content, 256–512 px sides, quality 90), then measures:
 - raw: one process reading the tars with `tarfile`, decoding with PIL, resizing the shorter side and cropping;
 - capdiff: the real training stream (`ImageTextDataModule.train_dataloader()`: shard resampling, shuffle
-  buffer, decode, resize, crop, caption choice, collate to float tensors) with 1 and 2 dataloader workers,
+  buffer, decode, resize, crop, caption choice, collate to uint8 tensors) with 1 and 2 dataloader workers,
   timed in the main process as the trainer sees it, after the first two batches of every worker (start-up
   excluded).
 Goals: capdiff with 1 worker ≥ 0.95× raw; 2 workers ≥ 1.8× one.
