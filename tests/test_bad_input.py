@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import pickle
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from capdiff.data import ImageTextDataModule
-from capdiff.data.decode import SkipCounter, SkipLog
 from capdiff.data.shards import main as shards_main
+from capdiff.data.skips import SkipCounter, SkipLog
 from tests.helpers import good_members, image_bytes, write_tar
 
 
@@ -45,43 +46,54 @@ def test_each_bad_sample_kind_is_skipped_and_counted(shard_dir: Path) -> None:
     dm.setup()
     keys = [k for b in dm.val_dataloader() for k in b["keys"]]
     assert keys == [f"good{i:05d}" for i in range(5)]
-    assert dm.skipped == dict.fromkeys(BAD_SAMPLES, 1)
+    assert dm.val_skipped == dict.fromkeys(BAD_SAMPLES, 1)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 def test_bad_samples_in_workers_do_not_stop_training_and_are_counted_in_the_main_process(
-    shard_dir: Path,
+    shard_dir: Path, workers: int
 ) -> None:
     shard = str(shard_with_bad_samples(shard_dir))
-    dm = datamodule([shard] * 2, None, max_pixels=100_000, num_workers=2, batch_size=5, samples_per_epoch=40)
+    # shuffle_buffer=1 reads each shard in order: the 40 samples drawn are 8 whole passes over its 5 good ones
+    # (4 per worker with 2), each of which reaches the 8 bad ones once
+    dm = datamodule([shard] * 2, None, max_pixels=100_000, num_workers=workers, batch_size=5, samples_per_epoch=40,
+                    shuffle_buffer=1)  # fmt: skip
     dm.setup()
-    batches = list(dm.train_dataloader())
+    batches = [dm.on_after_batch_transfer(b, 0) for b in dm.train_dataloader()]  # as the trainer hands them over
     assert len(batches) == 8
     assert all(len(b["keys"]) == 5 for b in batches)
-    assert set(dm.skipped) == set(BAD_SAMPLES)
-    assert all(n >= 1 for n in dm.skipped.values())
+    assert dm.skipped == dict.fromkeys(BAD_SAMPLES, 8)
 
 
-def test_corrupt_and_truncated_shards_are_counted_not_fatal(shard_dir: Path) -> None:
+def cut_shard(path: Path, prefix: str, count: int, inside: str) -> Path:
+    """A shard of `count` samples whose download stopped in the middle of the member `inside`."""
+    write_tar(path, good_members(prefix, count))
+    with tarfile.open(path) as tar:
+        cut_at = tar.getmember(inside).offset_data + 50
+    path.write_bytes(path.read_bytes()[:cut_at])
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_and_truncated_shards_are_counted_not_fatal(shard_dir: Path, workers: int) -> None:
     good = write_tar(shard_dir / "good.tar", good_members("g", 4))
     not_a_tar = shard_dir / "garbage.tar"
     not_a_tar.write_bytes(b"\x00garbage" * 500)
-    data = write_tar(shard_dir / "cut.tar", good_members("c", 20)).read_bytes()
-    cut = shard_dir / "cut.tar"
-    cut.write_bytes(data[: len(data) // 2])  # a download that stopped half-way
-    dm = datamodule(str(good), [str(good), str(not_a_tar), str(cut), str(good)])
+    cut = cut_shard(shard_dir / "cut.tar", "c", 20, inside="c00010.png")
+    dm = datamodule([str(good)] * 2, [str(good), str(not_a_tar), str(cut), str(good)], num_workers=workers)
     dm.setup()
     keys = [k for b in dm.val_dataloader() for k in b["keys"]]
     good_keys = [f"g{i:05d}" for i in range(4)]
-    assert keys[:4] == good_keys
-    assert keys[-4:] == good_keys
-    assert {f"c{i:05d}" for i in range(5)} <= set(keys)  # the whole samples before the cut are kept
-    assert dm.skipped["shard_error"] >= 1  # the garbage shard
+    assert sorted(keys) == sorted(good_keys * 2 + [f"c{i:05d}" for i in range(10)])  # the samples before the cut
+    # once each, whatever the workers: the garbage shard, and the cut one (the reader reports that one twice)
+    assert dm.val_skipped == {"shard_error": 1, "truncated_shard": 1}
+    assert list(dm.val_dataloader()) and dm.val_skipped == {"shard_error": 1, "truncated_shard": 1}  # per pass
 
 
 def test_skipped_samples_are_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
     counter = SkipCounter()
-    log = SkipLog(counter, every_s=3600)
-    with caplog.at_level(logging.WARNING, logger="capdiff.data.decode"):
+    log = SkipLog(every_s=3600, counter=counter)
+    with caplog.at_level(logging.WARNING, logger="capdiff.data.skips"):
         for i in range(1000):
             log.skip("empty_image", f"k{i}", "zero-byte image")
             log.skip("bad_caption", f"k{i}", "not UTF-8")
@@ -127,7 +139,7 @@ def test_pickle_members_in_a_shard_never_run(shard_dir: Path, tmp_path: Path) ->
         dm = datamodule(shard, shard, caption_key=caption_key)
         dm.setup()
         assert list(dm.val_dataloader()) == []
-        assert dm.skipped == {"bad_caption": 4}
+        assert dm.val_skipped == {"bad_caption": 4}
     shards_main(["inspect", shard, "--json"])
     assert not marker.exists()
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from capdiff.data import ImageTextDataModule
-from capdiff.data.datamodule import EpochLoader
+from capdiff.data.loaders import EpochLoader
 from capdiff.data.transforms import as_unit
 from tests.helpers import good_members, image_bytes, write_tar
 
@@ -32,10 +32,12 @@ def test_batches_have_the_documented_shape_range_and_types(shard_dir: Path) -> N
     dm = datamodule(str(shard), str(shard), image_size=16, batch_size=4)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"pixels", "captions", "keys"}
+    assert set(batch) == {"pixels", "captions", "keys", "skipped"}  # skipped: counted as it reaches the model
     assert batch["pixels"].shape == (4, 3, 16, 16)
     assert batch["pixels"].dtype == torch.uint8  # a quarter of the bytes between processes and to the GPU
-    on_device = dm.on_after_batch_transfer(batch, 0)["pixels"]  # what the model sees
+    seen = dm.on_after_batch_transfer(batch, 0)  # what the model sees
+    assert set(seen) == {"pixels", "captions", "keys"}
+    on_device = seen["pixels"]
     assert on_device.dtype == torch.float32
     assert on_device.min() >= -1.0
     assert on_device.max() <= 1.0
@@ -166,8 +168,7 @@ def test_validation_sees_every_sample_exactly_once_across_ranks(shard_dir: Path)
     seen: list[str] = []
     per_rank = []
     for rank in range(2):
-        dm = datamodule(shards[:1], shards, num_workers=2, batch_size=4, persistent_workers=False)
-        dm.train_urls = shards  # enough shards for 2 ranks × 2 workers
+        dm = datamodule(shards, shards, num_workers=2, batch_size=4, persistent_workers=False)
         dm.setup_streams(rank, 2)
         keys = [k for b in dm.val_dataloader() for k in b["keys"]]
         per_rank.append(len(keys))

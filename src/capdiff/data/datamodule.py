@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytorch_lightning as pl
-import webdataset as wds
+import torch
 from torch.utils.data import DataLoader
 
 from capdiff.data.cache_latents import cached_urls
-from capdiff.data.decode import CaptionKey, SkipCounter
+from capdiff.data.decode import CaptionKey
+from capdiff.data.loaders import EpochLoader, ValLoader
+from capdiff.data.mixture import CaptionMix, parse_sources
+from capdiff.data.skips import SKIP_REASONS, SkipCounter, table
 from capdiff.data.streams import DecodeSpec, SharedInt, TrainStream, ValStream
 from capdiff.data.transforms import as_unit
-from capdiff.data.urls import check_local_shards, count_samples, expand_urls, local_path
+from capdiff.data.urls import check_caption_key, check_local_shards, count_samples, expand_urls, local_path
 
 log = logging.getLogger(__name__)
 
@@ -26,51 +30,13 @@ def batch_size(batch: dict) -> int:
     return len(batch["keys"])
 
 
-class EpochLoader(DataLoader):
-    """A DataLoader that tells its stream which epoch starts each time it is iterated, and resumes mid-epoch.
-
-    `epoch_fn` gives the trainer's epoch (so a resumed run replays the same order); without it the
-    loader counts its own iterations. `resume` (`{"epoch", "trained_batches"}`, from a checkpoint) makes the
-    first iteration of that epoch yield only the batches the interrupted run had left.
-    """
-
-    def __init__(
-        self,
-        dataset: TrainStream,
-        epoch_fn: Callable[[], int | None] | None = None,
-        resume: dict[str, int] | None = None,
-        **kwargs,
-    ):
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._epoch_fn = epoch_fn
-        self._iterations = 0
-        self._resume = resume
-
-    def __iter__(self):
-        epoch = self._epoch_fn() if self._epoch_fn is not None else None
-        epoch = self._iterations if epoch is None else epoch
-        self._iterations += 1
-        resume_at = 0
-        if self._resume is not None and self._resume["epoch"] == epoch:
-            trained = self._resume["trained_batches"]
-            if trained >= len(self.dataset):
-                # saved after the epoch's last batch, before the trainer moved on: Lightning goes on with the
-                # next epoch on this iterator
-                epoch += 1
-            elif trained > 0:
-                resume_at = trained
-                log.info("Resuming epoch %d after its %d trained batches (they are read again, not trained).",
-                         epoch, trained)  # fmt: skip
-        self._resume = None
-        self.dataset.epoch.set(epoch)
-        self.dataset.resume_at.set(resume_at)
-        return super().__iter__()
-
-
 class ImageTextDataModule(pl.LightningDataModule):
-    """Batches `{"pixels": B×3×H×W in [-1, 1], "captions": [str], "keys": [str]}` from WebDataset shards.
+    """Batches `{"pixels": B×3×H×W in [-1, 1], "captions": [str], "keys": [str]}` from WebDataset shards, with
+    `"caption_targets"` (the captioner's) when `captioner_caption_key` is set.
 
-    `self.skipped` counts the samples skipped so far, per reason, across this rank's workers.
+    The training shards are `train_urls` (one source) or `sources`, a weighted mixture (`capdiff.data.mixture`).
+    `skipped` counts the training samples skipped in the batches handed to the model so far (a resumed run's
+    earlier ones included), `val_skipped` those of the validation pass; `capdiff.data.skips` says how.
     """
 
     def __init__(
@@ -93,6 +59,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         skip_log_every_s: float = 30.0,
         latents: bool = False,
         latents_dir: str | None = None,
+        sources: Sequence[Mapping] | None = None,
+        caption_mix: Mapping[str, float] | None = None,
+        captioner_caption_key: str | None = None,
     ) -> None:
         super().__init__()
         for key, value in (("data.image_size", image_size), ("data.batch_size", batch_size)):
@@ -102,10 +71,14 @@ class ImageTextDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers={num_workers} must be 0 (load in the main process) or more.")
         if samples_per_epoch is not None and samples_per_epoch <= 0:
             raise ValueError(f"data.samples_per_epoch={samples_per_epoch} must be positive (or null to count).")
-        # Evaluation reads only the validation split, so it may leave the training shards out.
-        self.train_urls = expand_urls(train_urls, "data.train_urls") if train_urls is not None else []
-        self.val_urls = expand_urls(val_urls, "data.val_urls") if val_urls is not None else []
         self.caption_key = CaptionKey.parse(caption_key)
+        self.caption_mix = CaptionMix.parse(caption_mix) if caption_mix is not None else None
+        self.captioner_caption_key = (
+            CaptionKey.parse(captioner_caption_key, "data.captioner_caption_key") if captioner_caption_key else None
+        )
+        # Evaluation reads only the validation split, so it may leave the training shards out.
+        self.sources = parse_sources(sources, train_urls, self.caption_key, self.caption_mix)
+        self.val_urls = expand_urls(val_urls, "data.val_urls") if val_urls is not None else []
         self.image_size = image_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
@@ -124,10 +97,18 @@ class ImageTextDataModule(pl.LightningDataModule):
                 "data.latents=true reads latents cached from the centre crop, so data.random_crop=true would pair "
                 "them with other pixels: set data.random_crop=false (or train without cached latents)."
             )
+        other_key = next((s for s in self.sources if s.caption_key != self.caption_key), None)
+        if latents and other_key is not None:
+            raise ValueError(
+                f"data.latents=true caches the samples that have data.caption_key={self.caption_key.spec!r}, but "
+                f"{other_key.caption_key_name}={other_key.caption_key.spec!r}: drop it (every source reads "
+                "data.caption_key) or train without cached latents."
+            )
         self.latents = latents
         self.latents_dir = latents_dir  # read by capdiff.artifacts.prepare_latents
         self.reading_latents = False  # set once the shards with latents are in place (use_cached_shards)
-        self.skip_counter = SkipCounter()
+        self.val_skip_counter = SkipCounter()
+        self.train_skips: Counter = Counter()  # (source index, reason) → samples, of the batches trained
         self.epoch = SharedInt()
         self.resume_at = SharedInt()
         self._resume: dict[str, int] | None = None  # the train stream's position, from a checkpoint
@@ -135,42 +116,41 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.train_stream: TrainStream | None = None
         self.val_stream: ValStream | None = None
 
+    @property
+    def train_urls(self) -> list[str]:
+        """Every training shard, source after source."""
+        return [url for source in self.sources for url in source.urls]
+
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str | None = None) -> None:
         self.setup_streams(*self._rank_and_world())
 
+    def _spec(self, random_crop: bool) -> DecodeSpec:
+        return DecodeSpec(self.image_size, self.caption_key, self.max_pixels, random_crop, self.reading_latents,
+                          target_key=self.captioner_caption_key)  # fmt: skip
+
     def setup_streams(self, rank: int, world_size: int) -> None:
         """Check the shards and build the streams of one rank (tests call it to play several ranks)."""
         self._check_shards()
-        val_spec = DecodeSpec(self.image_size, self.caption_key, self.max_pixels, False, self.reading_latents)
-        self.val_stream = ValStream(
-            self.val_urls,
-            val_spec,
-            self.val_batch_size,
-            rank,
-            world_size,
-            self.skip_counter,
-            self.skip_log_every_s,
-        )
-        if not self.train_urls:
+        self.val_stream = ValStream(self.val_urls, self._spec(False), self.val_batch_size, rank, world_size,
+                                    self.val_skip_counter, self.skip_log_every_s)  # fmt: skip
+        if not self.sources:
             self.train_stream = None
             return
-        slots = world_size * max(1, self.num_workers)
-        if len(self.train_urls) < slots:
-            raise ValueError(
-                f"data.train_urls has {len(self.train_urls)} shards but {world_size} ranks × "
-                f"{max(1, self.num_workers)} workers need at least {slots} (each reads its own share). Lower "
-                f"data.num_workers to {max(1, len(self.train_urls) // world_size)} or split the data into more "
-                "shards (`python -m capdiff.data.shards write --shard-size ...`)."
-            )
-        per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         workers = max(1, self.num_workers)
-        train_spec = DecodeSpec(
-            self.image_size, self.caption_key, self.max_pixels, self.random_crop, self.reading_latents
-        )
+        slots = world_size * workers
+        for source in self.sources:
+            if len(source.urls) < slots:
+                raise ValueError(
+                    f"{source.urls_key} has {len(source.urls)} shards but {world_size} ranks × {workers} workers "
+                    f"need at least {slots} (each reads its own share). Lower data.num_workers to "
+                    f"{max(1, len(source.urls) // world_size)} or split the data into more shards "
+                    "(`python -m capdiff.data.shards write --shard-size ...`)."
+                )
+        per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         self.train_stream = TrainStream(
-            self.train_urls,
-            train_spec,
+            self.sources,
+            self._spec(self.random_crop),
             batch_size=self.batch_size,
             batches_per_worker=math.ceil(per_rank / workers),
             num_workers=self.num_workers,
@@ -179,7 +159,6 @@ class ImageTextDataModule(pl.LightningDataModule):
             seed=self.seed,
             shuffle_buffer=self.shuffle_buffer,
             epoch=self.epoch,
-            skip_counter=self.skip_counter,
             log_every_s=self.skip_log_every_s,
             resume_at=self.resume_at,
         )
@@ -188,7 +167,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         """Read `latents.npy` with every sample from now on, from the copies of the shards in `folder`
         (None: the shards themselves are the cached ones)."""
         if folder is not None:
-            self.train_urls = cached_urls(self.train_urls, Path(folder))
+            self.sources = [replace(s, urls=cached_urls(s.urls, Path(folder))) for s in self.sources]
             self.val_urls = cached_urls(self.val_urls, Path(folder)) if self.val_urls else []
             self._shards_checked = False
         self.reading_latents = True
@@ -202,11 +181,19 @@ class ImageTextDataModule(pl.LightningDataModule):
         (train.py builds them before the Trainer does again under its own rank)."""
         if self._shards_checked:
             return
-        if self.train_urls:
-            check_local_shards(self.train_urls, "data.train_urls")
+        for source in self.sources:
+            check_local_shards(source.urls, source.urls_key)
         if self.val_urls:
             check_local_shards(self.val_urls, "data.val_urls")
-        self._check_caption_key()
+        for source in self.sources:
+            keys = source.caption_mix.keys if source.caption_mix is not None else (source.caption_key,)
+            for key in keys:
+                check_caption_key(source.urls[0], key, source.caption_key_name)
+        if not self.sources and self.val_urls:
+            check_caption_key(self.val_urls[0], self.caption_key, "data.caption_key")
+        if self.captioner_caption_key is not None:
+            first = (self.train_urls or self.val_urls)[0]
+            check_caption_key(first, self.captioner_caption_key, "data.captioner_caption_key")
         self._shards_checked = True
 
     def _samples_per_epoch(self) -> int:
@@ -223,31 +210,6 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.samples_per_epoch = total
         return total
 
-    def _check_caption_key(self, max_samples: int = 16) -> None:
-        """Fail at start-up when the first samples of the first training shard lack the caption key."""
-        errors: list[Exception] = []
-
-        def keep_going(err: Exception) -> bool:
-            errors.append(err)
-            return True
-
-        first = (self.train_urls or self.val_urls or [None])[0]
-        if first is None:
-            return
-        seen = []
-        for sample in wds.tarfile_samples([{"url": first}], handler=keep_going):
-            seen.append(sample)
-            if self.caption_key.present_in(sample) or len(seen) >= max_samples:
-                break
-        if not seen or any(self.caption_key.present_in(s) for s in seen):
-            return
-        members = sorted({k for s in seen for k in s if not k.startswith("__")})
-        raise ValueError(
-            f"data.caption_key={self.caption_key.spec!r} is in none of the first {len(seen)} samples of "
-            f"{first}; they have members {members}. Set data.caption_key to one of them "
-            "(e.g. 'txt') or to a field of the json member (e.g. 'json.caption')."
-        )
-
     # --------------------------------------------------------------- loaders
     def _loader_kwargs(self) -> dict:
         kwargs: dict = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
@@ -261,7 +223,8 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.setup("fit")
         if self.train_stream is None:
             raise ValueError(
-                "data.train_urls is not set: training needs shards, e.g. data.train_urls='/data/{000..099}.tar'."
+                "data.train_urls is not set: training needs shards, e.g. "
+                "\"data.train_urls='/data/{000..099}.tar'\" (or a mixture in data.sources)."
             )
         resume, self._resume = self._resume, None
         return EpochLoader(self.train_stream, epoch_fn=self._trainer_epoch, resume=resume, **self._loader_kwargs())
@@ -275,15 +238,17 @@ class ImageTextDataModule(pl.LightningDataModule):
         kwargs = self._loader_kwargs() | {"num_workers": workers}
         if workers == 0:
             kwargs = {"pin_memory": self.pin_memory}
-        return DataLoader(self.val_stream, batch_size=None, **kwargs)
+        return ValLoader(self.val_stream, **kwargs)
 
     def test_dataloader(self) -> DataLoader | list:
         """Evaluation (`evaluate.py`) reads the validation split."""
         return self.val_dataloader()
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """uint8 pixels → float `[-1, 1]` on the model's device."""
-        return batch | {"pixels": as_unit(batch["pixels"])}
+        """uint8 pixels → float `[-1, 1]` on the model's device; a training batch's skips are counted here, as
+        it reaches the model."""
+        self.train_skips.update(batch.get("skipped", {}))
+        return {k: v for k, v in batch.items() if k != "skipped"} | {"pixels": as_unit(batch["pixels"])}
 
     def _trainer_epoch(self) -> int | None:
         """The epoch the trainer is about to train. Not `trainer.current_epoch`: on a resume from an epoch-end
@@ -293,17 +258,46 @@ class ImageTextDataModule(pl.LightningDataModule):
     # The train stream's position lives in the datamodule's state, which Lightning saves in every checkpoint
     # and restores on every resume. (A loader's own `state_dict` is restored only when Lightning's progress
     # counters say the run is restarting, and after a resume from an epoch's last batch they say it is not:
-    # the next mid-epoch checkpoint then resumed by replaying its whole epoch.)
+    # the next mid-epoch checkpoint then resumed by replaying its whole epoch.) The skip counts are those of
+    # the batches trained, so a resumed run's totals go on from where the checkpoint's stopped.
     def state_dict(self) -> dict:
         if self.trainer is None or self.train_stream is None:
             return {}
         trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"train_stream": {"epoch": self.epoch.get(), "trained_batches": trained}}
+        return {
+            "train_stream": {"epoch": self.epoch.get(), "trained_batches": trained},
+            "skipped": {name: dict(counts) for name, counts in self.skipped_by_source.items()},
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("train_stream")
+        self.train_skips = Counter()
+        for index, source in enumerate(self.sources):
+            for reason, n in state_dict.get("skipped", {}).get(source.name, {}).items():
+                self.train_skips[index, reason] = n
+
+    @property
+    def skipped_by_source(self) -> dict[str, Counter]:
+        """Training samples skipped so far on this rank, per source name and reason."""
+        out = {source.name: Counter() for source in self.sources}
+        for (index, reason), n in self.train_skips.items():
+            out[self.sources[index].name][reason] += n
+        return out
 
     @property
     def skipped(self) -> Counter:
-        """Samples skipped so far on this rank, per reason (see `capdiff.data.decode.SKIP_REASONS`)."""
-        return self.skip_counter.totals()
+        """Training samples skipped so far on this rank, per reason (see `capdiff.data.skips.SKIP_REASONS`)."""
+        return sum(self.skipped_by_source.values(), Counter())
+
+    @property
+    def val_skipped(self) -> Counter:
+        """Validation samples skipped on this rank in the pass in progress (or the last one), per reason."""
+        return self.val_skip_counter.totals()
+
+    def skip_table(self, split: str) -> tuple[list[str], torch.Tensor]:
+        """This rank's skips as (row names, rows × `SKIP_REASONS` counts): one row per training source for
+        `"train"`, one for `"val"` (what `capdiff.data.skips.log_skipped` reduces over ranks and logs)."""
+        if split == "train":
+            return [s.name for s in self.sources], table(self.train_skips, len(self.sources))
+        counts = self.val_skipped
+        return ["val"], torch.tensor([[counts[r] for r in SKIP_REASONS]], dtype=torch.int64)

@@ -3,25 +3,18 @@
 Only the members named by `IMAGE_EXTENSIONS` and the caption key are ever read from a shard, and they are
 decoded with PIL and `json`/UTF-8 only: a shard member such as `.pyd`, `.pickle` or `.pth` is never opened,
 so a payload hidden in one cannot run. Every way a sample can be bad raises `BadSample` with a short reason
-that the stream counts.
+that the stream counts (`capdiff.data.skips`).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import logging
-import math
-import multiprocessing as mp
-import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from capdiff.data.transforms import to_rgb_uint8
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -46,21 +39,22 @@ class CaptionKey:
     field: str | None = None
 
     @classmethod
-    def parse(cls, spec: str) -> CaptionKey:
-        spec = spec.strip().lower()
+    def parse(cls, spec: str, key: str = "data.caption_key") -> CaptionKey:
+        """`key`: the config key it came from, for the errors."""
+        spec = str(spec).strip().lower()
         member, _, fld = spec.partition(".")
         if not member or (fld == "" and spec.endswith(".")):
             raise ValueError(
-                f"data.caption_key={spec!r} is not a caption key: use a member extension such as 'txt', "
+                f"{key}={spec!r} is not a caption key: use a member extension such as 'txt', "
                 "or a field of the json member such as 'json.caption'."
             )
         if fld and member != "json":
             raise ValueError(
-                f"data.caption_key={spec!r}: only the json member has fields; use 'json.{fld}' or a "
+                f"{key}={spec!r}: only the json member has fields; use 'json.{fld}' or a "
                 "plain member extension such as 'txt'."
             )
         if member in IMAGE_EXTENSIONS:
-            raise ValueError(f"data.caption_key={spec!r} names an image member; use 'txt' or 'json.<field>'.")
+            raise ValueError(f"{key}={spec!r} names an image member; use 'txt' or 'json.<field>'.")
         return cls(member=member, field=fld or None)
 
     @property
@@ -157,62 +151,3 @@ def _undecodable(err: Exception) -> BadSample:
     message = str(err)
     truncated = "truncated" in message.lower() or isinstance(err, EOFError)
     return BadSample("truncated_image" if truncated else "undecodable_image", message)
-
-
-SKIP_REASONS = (
-    "shard_error",  # a shard that cannot be opened or read as tar
-    "missing_image",
-    "empty_image",
-    "truncated_image",
-    "undecodable_image",
-    "too_large",  # over data.max_pixels
-    "missing_caption",
-    "empty_caption",
-    "bad_caption",  # not UTF-8, or json that does not parse
-    "missing_latents",  # data.latents=true and no latents.npy member
-    "bad_latents",  # latents.npy that does not parse as 2×C×h×w
-)
-
-
-class SkipCounter:
-    """Skipped samples per reason, in shared memory: dataloader workers add, the main process reads.
-
-    Counting where the skip happens (rather than shipping counts with the next batch) loses nothing when
-    the bad samples are the last of a stream.
-    """
-
-    def __init__(self) -> None:
-        self._counts = mp.Array("q", len(SKIP_REASONS))
-
-    def add(self, reason: str) -> None:
-        with self._counts.get_lock():
-            self._counts[SKIP_REASONS.index(reason)] += 1
-
-    def totals(self) -> Counter:
-        with self._counts.get_lock():
-            return Counter({r: n for r, n in zip(SKIP_REASONS, self._counts[:], strict=True) if n})
-
-
-@dataclass
-class SkipLog:
-    """A worker's view of skips: adds to the shared counter, logs each reason at most once per `every_s`."""
-
-    counter: SkipCounter
-    every_s: float = 30.0
-    good: int = 0
-    counts: Counter = field(default_factory=Counter)
-    _last_log: dict = field(default_factory=dict)
-
-    def skip(self, reason: str, where: str, detail: str) -> None:
-        self.counter.add(reason)
-        self.counts[reason] += 1
-        now = time.monotonic()
-        if now - self._last_log.get(reason, -math.inf) >= self.every_s:
-            self._last_log[reason] = now
-            log.warning(
-                "skipped sample %s (%s: %s); %d skipped for this reason so far in this worker",
-                where,
-                reason,
-                detail,
-                self.counts[reason],
-            )

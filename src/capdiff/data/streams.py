@@ -1,10 +1,10 @@
 """The training and validation streams over WebDataset shards.
 
 webdataset supplies the tar reading (`tarfile_samples`, which opens local paths, `pipe:` and URL schemes)
-and the shuffle buffer. The orchestration around them is ours because three things the stock pipeline
-does not do together are needed here: shards resampled from a per-(rank, worker) subset with an RNG seeded
-by (seed, rank, worker, epoch) so a resumed run replays its order; skipped-sample counts shared with the
-main process; and a validation
+and the shuffle buffer. The orchestration around them is ours because four things the stock pipeline does
+not do together are needed here: each source's shards resampled from a per-(rank, worker) subset with an RNG
+seeded by (seed, rank, worker, epoch), so a resumed run replays its order; sources mixed by weight with that
+RNG (`capdiff.data.mixture`); skipped samples counted once each (`capdiff.data.skips`); and a validation
 split that gives every sample to exactly one rank whatever the shard sizes.
 """
 
@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from capdiff.data.decode import (
-    IMAGE_EXTENSIONS,
-    BadSample,
-    CaptionKey,
-    SkipCounter,
-    SkipLog,
-    decode_captions,
-    image_member,
-)
+from capdiff.data.decode import IMAGE_EXTENSIONS, BadSample, CaptionKey, decode_captions, image_member
 from capdiff.data.decode import load_rgb as _load_rgb
 from capdiff.data.latent_format import LATENTS, decode_latents
+from capdiff.data.mixture import CaptionMix, Source, mix
+from capdiff.data.skips import SkipCounter, SkipLog
 from capdiff.data.transforms import resize_crop, to_uint8_hwc
 
 
@@ -40,24 +35,36 @@ class DecodeSpec:
     max_pixels: int = 64_000_000
     random_crop: bool = False
     latents: bool = False  # also read the cached VAE posterior (capdiff.data.cache_latents)
+    caption_mix: CaptionMix | None = None  # in training, the caption's key drawn per sample instead
+    target_key: CaptionKey | None = None  # the captioner's caption, `caption_targets` (none: the caption)
+
+    @cached_property
+    def _members(self) -> set[str]:
+        members = {self.caption_key.member, *(self.caption_mix.members if self.caption_mix else ())}
+        return members | ({self.target_key.member} if self.target_key else set())
 
     def wants(self, fname: str) -> bool:
-        """Which tar members are read at all: the image extensions, the caption member and (with `latents`)
+        """Which tar members are read at all: the image extensions, the caption members and (with `latents`)
         the cached latents, nothing else."""
         base = fname.rsplit("/", 1)[-1]
         _, dot, ext = base.partition(".")
         ext = ext.lower()
-        wanted = ext in IMAGE_EXTENSIONS or ext == self.caption_key.member or (self.latents and ext == LATENTS)
+        wanted = ext in IMAGE_EXTENSIONS or ext in self._members or (self.latents and ext == LATENTS)
         return bool(dot) and wanted
 
 
 def decode_sample(sample: dict, spec: DecodeSpec, rng: random.Random | None) -> dict:
-    """Raw tar sample → `{"key", "pixels" (uint8 3×H×W), "caption"}`; `rng` picks crop and caption in training."""
-    captions = decode_captions(sample, spec.caption_key)
+    """Raw tar sample → `{"key", "pixels" (uint8 3×H×W), "caption"}` (and `"caption_target"` with a target key);
+    `rng` picks crop, caption key and caption in training."""
+    key = spec.caption_mix.pick(rng) if spec.caption_mix is not None and rng is not None else spec.caption_key
+    captions = decode_captions(sample, key)
+    targets = decode_captions(sample, spec.target_key) if spec.target_key is not None else None
     image = _load_rgb(sample[image_member(sample)], spec.max_pixels, draft_size=spec.image_size)
     image = resize_crop(image, spec.image_size, random_crop=spec.random_crop and rng is not None, rng=rng)
     caption = rng.choice(captions) if rng is not None else captions[0]
     decoded = {"key": sample["__key__"], "pixels": to_uint8_hwc(image), "caption": caption}
+    if targets is not None:
+        decoded["caption_target"] = rng.choice(targets) if rng is not None else targets[0]
     if "__order__" in sample:
         decoded["order"] = sample["__order__"]
     if spec.latents:
@@ -77,6 +84,8 @@ def collate(samples: list[dict]) -> dict:
         "captions": [s["caption"] for s in samples],
         "keys": [s["key"] for s in samples],
     }
+    if "caption_target" in samples[0]:
+        batch["caption_targets"] = [s["caption_target"] for s in samples]
     if "order" in samples[0]:  # validation: (shard, position) of each sample
         batch["order"] = [s["order"] for s in samples]
     if "latent_mean" in samples[0]:
@@ -115,68 +124,62 @@ def _worker() -> tuple[int, int]:
 
 
 class _Stream(IterableDataset):
-    def __init__(
-        self,
-        urls: list[str],
-        spec: DecodeSpec,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        skip_counter: SkipCounter,
-        log_every_s: float = 30.0,
-    ) -> None:
+    def __init__(self, spec: DecodeSpec, batch_size: int, rank: int, world_size: int, log_every_s: float) -> None:
         super().__init__()
-        self.skip_counter = skip_counter
-        self.urls = urls
         self.spec = spec
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
         self.log_every_s = log_every_s
 
-    def _read(self, shards: Iterable[dict], skips: SkipLog) -> Iterator[dict]:
-        def on_shard_error(err: Exception) -> bool:
-            skips.skip("shard_error", str(err.args[-1]) if err.args else "?", repr(err)[:300])
+    @staticmethod
+    def _read_shard(url: str, wants: Callable[[str], bool], skips: SkipLog | None, source: int = 0) -> Iterator[dict]:
+        """The samples of one shard; a shard that fails counts once in `skips` (when given), however many
+        errors the reader met in it: `truncated_shard` after some samples, `shard_error` before any."""
+        errors: list[Exception] = []
+
+        def keep_going(err: Exception) -> bool:
+            errors.append(err)
             return True
 
-        return wds.tarfile_samples(shards, handler=on_shard_error, select_files=self.spec.wants)
+        read = 0
+        for sample in wds.tarfile_samples([{"url": url}], handler=keep_going, select_files=wants):
+            read += 1
+            yield sample
+        if errors and skips is not None:
+            skips.skip("truncated_shard" if read else "shard_error", url, repr(errors[0])[:300], source)
 
-    def _decode(self, raw: Iterable[dict], skips: SkipLog, rng: random.Random | None) -> Iterator[dict]:
+    @staticmethod
+    def _decode(
+        raw: Iterable[dict], spec: DecodeSpec, skips: SkipLog, rng: random.Random | None, source: int = 0
+    ) -> Iterator[dict]:
         for sample in raw:
             try:
-                decoded = decode_sample(sample, self.spec, rng)
+                decoded = decode_sample(sample, spec, rng)
             except BadSample as bad:
-                skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')}", bad.detail)
+                skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')}", bad.detail, source)
                 continue
-            skips.good += 1
+            skips.good[source] += 1
             yield decoded
-
-    def _batch(self, decoded: Iterable[dict], partial: bool) -> Iterator[dict]:
-        buffer: list[dict] = []
-        for sample in decoded:
-            buffer.append(sample)
-            if len(buffer) == self.batch_size:
-                yield collate(buffer)
-                buffer = []
-        if buffer and partial:
-            yield collate(buffer)
 
 
 class TrainStream(_Stream):
     """Endless resampled shards, cut into `batches_per_worker` full batches per worker per epoch.
 
-    Shards are dealt to the `world_size × num_workers` (rank, worker) slots in turn, and each slot draws from
-    its own share with replacement. Every rank therefore yields exactly `len(self)` equal batches per
-    epoch, whatever the shard sizes (an unequal count would hang the contrastive all-gather under DDP).
+    Each source's shards are dealt to the `world_size × num_workers` (rank, worker) slots in turn, and each
+    slot draws from its own share with replacement; with several sources, each sample's source is drawn by
+    weight. Every rank therefore yields exactly `len(self)` equal batches per epoch, whatever the shard sizes
+    (an unequal count would hang the contrastive all-gather under DDP).
 
     An epoch's order depends only on (seed, rank, worker, epoch). `resume_at` > 0 (batches of this epoch
     already trained, set on a mid-epoch resume) replays the epoch's first batches without yielding them.
     The loader takes batches from its workers in turn, so batch `b` came from worker `b % num_workers`.
+    Each batch's `"skipped"`, `{(source index, reason): n}`, is what drawing it skipped (`capdiff.data.skips`).
     """
 
     def __init__(
         self,
-        urls: list[str],
+        sources: Sequence[Source],
         spec: DecodeSpec,
         batch_size: int,
         batches_per_worker: int,
@@ -186,11 +189,12 @@ class TrainStream(_Stream):
         seed: int,
         shuffle_buffer: int,
         epoch: SharedInt,
-        skip_counter: SkipCounter,
         log_every_s: float = 30.0,
         resume_at: SharedInt | None = None,
     ) -> None:
-        super().__init__(urls, spec, batch_size, rank, world_size, skip_counter, log_every_s)
+        super().__init__(spec, batch_size, rank, world_size, log_every_s)
+        self.sources = list(sources)
+        self.specs = [replace(spec, caption_key=s.caption_key, caption_mix=s.caption_mix) for s in self.sources]
         self.batches_per_worker = batches_per_worker
         self.num_workers = max(1, num_workers)
         self.seed = seed
@@ -201,9 +205,9 @@ class TrainStream(_Stream):
     def __len__(self) -> int:
         return self.batches_per_worker * self.num_workers
 
-    def shards_for(self, worker: int) -> list[str]:
+    def shards_for(self, source: int, worker: int) -> list[str]:
         slots = self.world_size * self.num_workers
-        return self.urls[self.rank * self.num_workers + worker :: slots]
+        return self.sources[source].urls[self.rank * self.num_workers + worker :: slots]
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
@@ -211,53 +215,80 @@ class TrainStream(_Stream):
             raise RuntimeError(f"TrainStream built for {self.num_workers} workers but runs in {num_workers}")
         epoch = self.epoch.get()
         rng = random.Random(f"capdiff/train/{self.seed}/{self.rank}/{worker}/{epoch}")
-        skips = SkipLog(self.skip_counter, self.log_every_s)
-        shards = self.shards_for(worker)
-        raw = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
-            self._read(self._resample(shards, rng, skips), skips)
-        )
-        batches = self._batch(self._decode(raw, skips, rng), partial=False)
-        # Batches already trained are still read and decoded (the same random draws keep the rest in step).
+        skips = SkipLog(self.log_every_s)
+        streams = [self._source_samples(i, worker, rng, skips) for i in range(len(self.sources))]
+        samples = mix(streams, [s.weight for s in self.sources], rng)
+        # Batches already trained are still read and decoded (the same random draws keep the rest in step); what
+        # they skipped was counted before the checkpoint.
         trained = len(range(worker, self.resume_at.get(), num_workers))
         for index in range(self.batches_per_worker):
-            batch = next(batches)
+            drawn = [next(samples) for _ in range(self.batch_size)]
+            skipped = skips.take()
             if index >= trained:
-                yield batch
+                yield collate(drawn) | {"skipped": skipped}
 
-    def _resample(self, shards: list[str], rng: random.Random, skips: SkipLog) -> Iterator[dict]:
+    def _source_samples(self, source: int, worker: int, rng: random.Random, skips: SkipLog) -> Iterator[dict]:
+        shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        raw = shuffle(self._resample(source, self.shards_for(source, worker), rng, skips))
+        return self._decode(raw, self.specs[source], skips, rng, source)
+
+    def _resample(self, source: int, shards: list[str], rng: random.Random, skips: SkipLog) -> Iterator[dict]:
         # An endless stream of shards that never yields a usable sample would spin forever: stop instead.
         # The shuffle buffer reads ahead of decoding, so allow for it before giving up.
         limit = 10 * len(shards) + self.shuffle_buffer + 10
-        last_good, draws = -1, 0
+        last_good, reads = -1, 0
         while True:
-            if skips.good != last_good:
-                last_good, draws = skips.good, 0
-            if draws >= limit:
+            if skips.good[source] != last_good:
+                last_good, reads = skips.good[source], 0
+            if reads >= limit:
+                where = self.sources[source]
                 raise RuntimeError(
-                    f"no usable sample in {draws} shard reads from {shards[:3]}; skipped so far: "
-                    f"{dict(skips.counts)}. Check data.caption_key and the shards with "
-                    "`python -m capdiff.data.shards inspect <shard>`."
+                    f"no usable sample in {reads} shard reads from {shards[:3]}; skipped so far: "
+                    f"{dict(skips.counts)}. Check {where.caption_key_name} and the shards of {where.urls_key} "
+                    "with `python -m capdiff.data.shards inspect <shard>`."
                 )
-            draws += 1
-            yield {"url": rng.choice(shards)}
+            reads += 1
+            yield from self._read_shard(rng.choice(shards), self.specs[source].wants, skips, source)
 
 
 class ValStream(_Stream):
     """Every sample exactly once across ranks, in shard order.
 
     Within a rank, workers take whole shards in turn; across ranks, samples are dealt round-robin by their
-    position in the shard list, so ranks get (nearly) equal shares even when shard sizes differ.
+    position in the shard list, so ranks get (nearly) equal shares even when shard sizes differ. Every rank
+    reads every shard, so a failing shard is counted by one rank only (shard index mod world size).
     """
+
+    def __init__(
+        self,
+        urls: list[str],
+        spec: DecodeSpec,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        skip_counter: SkipCounter,
+        log_every_s: float = 30.0,
+    ) -> None:
+        super().__init__(spec, batch_size, rank, world_size, log_every_s)
+        self.urls = urls
+        self.skip_counter = skip_counter
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
-        skips = SkipLog(self.skip_counter, self.log_every_s)
-        decoded = self._decode(self._mine(worker, num_workers, skips), skips, rng=None)
-        yield from self._batch(decoded, partial=True)
+        skips = SkipLog(self.log_every_s, self.skip_counter)
+        batch: list[dict] = []
+        for sample in self._decode(self._mine(worker, num_workers, skips), self.spec, skips, rng=None):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
 
     def _mine(self, worker: int, num_workers: int, skips: SkipLog) -> Iterator[dict]:
         for shard_index in range(worker, len(self.urls), num_workers):
-            samples = self._read([{"url": self.urls[shard_index]}], skips)
+            counted = skips if shard_index % self.world_size == self.rank else None
+            samples = self._read_shard(self.urls[shard_index], self.spec.wants, counted)
             for position, sample in enumerate(samples):
                 if (shard_index + position) % self.world_size == self.rank:
                     sample["__order__"] = (shard_index, position)  # its place in the split, whatever the rank

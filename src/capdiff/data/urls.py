@@ -1,4 +1,5 @@
-"""Shard lists: brace expansion, local-file checks and sample counting, with errors that name the config key."""
+"""Shard lists: brace expansion, start-up checks (local files, caption keys) and sample counting, with errors
+that name the config key."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import braceexpand
+import webdataset as wds
 
-from capdiff.data.decode import IMAGE_EXTENSIONS
+from capdiff.data.decode import IMAGE_EXTENSIONS, CaptionKey
 
 # Schemes webdataset's gopen opens itself; anything else with "://" is passed to it too, but is not a local file.
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://", "ais://", "hf://", "htgs://")
@@ -66,3 +68,26 @@ def count_samples(path: Path) -> int:
             if dot and ext.lower() in IMAGE_EXTENSIONS:
                 keys.add(name[: len(name) - len(base)] + stem)
     return len(keys)
+
+
+def check_caption_key(url: str, caption_key: CaptionKey, key: str, max_samples: int = 16) -> None:
+    """Fail at start-up when none of the first samples of the shard `url` has the caption key (`key`: the
+    config key it came from)."""
+    errors: list[Exception] = []
+
+    def keep_going(err: Exception) -> bool:
+        errors.append(err)
+        return True
+
+    seen = []
+    for sample in wds.tarfile_samples([{"url": url}], handler=keep_going):
+        seen.append(sample)
+        if caption_key.present_in(sample) or len(seen) >= max_samples:
+            break
+    if not seen or any(caption_key.present_in(s) for s in seen):
+        return
+    members = sorted({k for s in seen for k in s if not k.startswith("__")})
+    raise ValueError(
+        f"{key}={caption_key.spec!r} is in none of the first {len(seen)} samples of {url}; they have members "
+        f"{members}. Set {key} to one of them (e.g. 'txt') or to a field of the json member (e.g. 'json.caption')."
+    )

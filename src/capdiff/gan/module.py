@@ -15,6 +15,7 @@ import torch
 
 from capdiff.checkpoints.portable import describe_gan_parts
 from capdiff.checkpoints.resume import CheckpointHooks
+from capdiff.data.skips import log_skipped
 from capdiff.distributed import gather_rows, seed_for_rank
 from capdiff.evaluation.validation import log_validation_losses
 from capdiff.gan.model import TextGAN, text_spec
@@ -95,6 +96,7 @@ class GANModule(CheckpointHooks, pl.LightningModule):
         for name, value in out.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name in ("d_loss", "g_loss"),
                      batch_size=size)  # fmt: skip
+        log_skipped(self, "train")
         return out
 
     def _untouched(self, part: torch.nn.Module) -> torch.Tensor | float:
@@ -106,6 +108,9 @@ class GANModule(CheckpointHooks, pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         log_validation_losses(self, self.model.losses(batch, "val", batch_idx), batch)
+
+    def on_validation_epoch_end(self) -> None:
+        log_skipped(self, "val")
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         o, model = self.optim, self.model

@@ -11,6 +11,7 @@ import torch
 
 from capdiff.checkpoints.portable import describe_parts
 from capdiff.checkpoints.resume import CheckpointHooks
+from capdiff.data.skips import log_skipped
 from capdiff.distributed import gather_rows, seed_for_rank
 from capdiff.evaluation.validation import log_validation_losses
 from capdiff.joint.model import JointModel
@@ -92,13 +93,14 @@ class JointModule(CheckpointHooks, pl.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=size)
         if self.model.logit_scale is not None:
             self.log("train/logit_scale", self.model.logit_scale(), on_step=True, batch_size=size)
-        datamodule = getattr(self.trainer, "datamodule", None)
-        for reason, count in (getattr(datamodule, "skipped", None) or {}).items():
-            self.log(f"data/skipped_{reason}", float(count), on_step=True, reduce_fx="sum", batch_size=size)
+        log_skipped(self, "train")
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         log_validation_losses(self, self.model.losses(batch, "val", batch_idx), batch)
+
+    def on_validation_epoch_end(self) -> None:
+        log_skipped(self, "val")
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:

@@ -1,0 +1,65 @@
+"""The DataLoaders over the streams: the training one tells its stream the epoch and where a resumed epoch
+goes on; the validation one starts each pass's skip counts from zero."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch.utils.data import DataLoader
+
+from capdiff.data.streams import TrainStream, ValStream
+
+log = logging.getLogger(__name__)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its stream which epoch starts each time it is iterated, and resumes mid-epoch.
+
+    `epoch_fn` gives the trainer's epoch (so a resumed run replays the same order); without it the
+    loader counts its own iterations. `resume` (`{"epoch", "trained_batches"}`, from a checkpoint) makes the
+    first iteration of that epoch yield only the batches the interrupted run had left.
+    """
+
+    def __init__(
+        self,
+        dataset: TrainStream,
+        epoch_fn: Callable[[], int | None] | None = None,
+        resume: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self._epoch_fn = epoch_fn
+        self._iterations = 0
+        self._resume = resume
+
+    def __iter__(self):
+        epoch = self._epoch_fn() if self._epoch_fn is not None else None
+        epoch = self._iterations if epoch is None else epoch
+        self._iterations += 1
+        resume_at = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            trained = self._resume["trained_batches"]
+            if trained >= len(self.dataset):
+                # saved after the epoch's last batch, before the trainer moved on: Lightning goes on with the
+                # next epoch on this iterator
+                epoch += 1
+            elif trained > 0:
+                resume_at = trained
+                log.info("Resuming epoch %d after its %d trained batches (they are read again, not trained).",
+                         epoch, trained)  # fmt: skip
+        self._resume = None
+        self.dataset.epoch.set(epoch)
+        self.dataset.resume_at.set(resume_at)
+        return super().__iter__()
+
+
+class ValLoader(DataLoader):
+    """A DataLoader over the validation split whose skip counts are those of the pass in progress (or the last)."""
+
+    def __init__(self, dataset: ValStream, **kwargs) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+
+    def __iter__(self):
+        self.dataset.skip_counter.reset()
+        return super().__iter__()
