@@ -12,7 +12,18 @@ import webdataset as wds
 from PIL import Image
 
 from capdiff.data import ShapesDataModule
-from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ensure_split, make_sample
+from capdiff.data.shapes import (
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    CaptionNoise,
+    ensure_split,
+    make_sample,
+    shapes_folder_tag,
+)
+from capdiff.evaluation.shapes import parse_caption
 
 
 def shapes(root: Path, **kwargs) -> ShapesDataModule:
@@ -100,3 +111,73 @@ def test_other_ranks_wait_for_the_shards_instead_of_writing_them(tmp_path: Path,
     assert not (tmp_path / "train-0.tar").exists()
     ensure_split(urls, "train", 4, 0, 32)  # what global rank 0 does
     assert ensure_split(urls, "train", 4, 0, 32, wait_s=0.5) is False  # found at once
+
+
+TRUTH_KEYS = ("shape", "color", "size", "position", "background")
+
+
+def test_noisy_captions_hold_their_shares_and_say_what_their_quality_says() -> None:
+    noise = CaptionNoise(vague_fraction=0.3, wrong_fraction=0.2)
+    quality: list[str] = []
+    for index in range(600):
+        record = json.loads(make_sample(index, "train", 0, 32, noise)["json"])
+        truth = {k: record[k] for k in TRUTH_KEYS}
+        for caption, kind in zip(record["captions"], record["caption_quality"], strict=True):
+            quality.append(kind)
+            named = {k: v for k, v in parse_caption(caption).items() if v is not None}
+            if kind == "clean":
+                assert named == truth, caption
+            elif kind == "vague":  # only some attributes (or none), and those right
+                assert len(named) < len(TRUTH_KEYS) and all(truth[k] == v for k, v in named.items()), caption
+            else:  # every attribute named, exactly one of colour and shape wrong
+                assert set(named) == set(TRUTH_KEYS), caption
+                wrong = {k for k in TRUTH_KEYS if named[k] != truth[k]}
+                assert wrong in ({"color"}, {"shape"}), caption
+    shares = {kind: quality.count(kind) / len(quality) for kind in ("vague", "wrong")}
+    assert abs(shares["vague"] - 0.3) < 0.04 and abs(shares["wrong"] - 0.2) < 0.04, shares
+    assert "a picture" in {json.loads(make_sample(i, "train", 0, 32, noise)["json"])["captions"][0] for i in range(200)}
+
+
+def test_caption_noise_keeps_the_images_and_the_truth_and_is_deterministic() -> None:
+    noise = CaptionNoise(vague_fraction=0.5, wrong_fraction=0.5)
+    for index in range(20):
+        clean, noisy = make_sample(index, "train", 0, 32), make_sample(index, "train", 0, 32, noise)
+        assert noisy["png"] == clean["png"]
+        clean_record, noisy_record = json.loads(clean["json"]), json.loads(noisy["json"])
+        assert {k: noisy_record[k] for k in TRUTH_KEYS} == {k: clean_record[k] for k in TRUTH_KEYS}
+        assert "caption_quality" not in clean_record  # the clean dataset's bytes are those it always had
+        assert noisy["txt"].decode() == noisy_record["captions"][0]
+        assert make_sample(index, "train", 0, 32, noise) == noisy
+    assert make_sample(0, "train", 0, 32, CaptionNoise()) == make_sample(0, "train", 0, 32)
+
+
+def test_caption_noise_degrades_the_training_split_only(tmp_path: Path) -> None:
+    spec = {"vague_fraction": 0.4, "wrong_fraction": 0.4}
+    clean_root, noisy_root = tmp_path / "clean", tmp_path / "noisy"
+    shapes(clean_root).prepare_data()
+    shapes(noisy_root, spec=spec).prepare_data()
+
+    def captions(root: Path, split: str) -> list[str]:
+        urls = sorted(str(p) for p in root.glob(f"{split}-*.tar"))
+        return [s["txt"].decode() for s in wds.WebDataset(urls, shardshuffle=False)]
+
+    assert captions(noisy_root, "val") == captions(clean_root, "val")
+    noisy_train, clean_train = captions(noisy_root, "train"), captions(clean_root, "train")
+    assert len(noisy_train) == len(clean_train) == 40
+    changed = sum(n != c for n, c in zip(noisy_train, clean_train, strict=True))
+    assert 24 <= changed <= 40  # about 80% of 40 captions, drawn
+    manifest = json.loads((noisy_root / "train.manifest.json").read_text())
+    assert manifest["caption_noise"] == spec
+    assert "caption_noise" not in json.loads((noisy_root / "val.manifest.json").read_text())
+
+
+def test_noisy_training_shards_get_a_folder_of_their_own_and_bad_fractions_are_refused() -> None:
+    assert shapes_folder_tag(0.0, 0.0) == ""
+    assert shapes_folder_tag(0.25, 0.0) == "-vague0.25-wrong0"
+    assert shapes_folder_tag(0.0, 0.1) != shapes_folder_tag(0.1, 0.0)
+    with pytest.raises(ValueError, match=r"data\.shapes\.wrong_fraction=1\.5"):
+        CaptionNoise(wrong_fraction=1.5)
+    with pytest.raises(ValueError, match="over 1"):
+        CaptionNoise(vague_fraction=0.6, wrong_fraction=0.6)
+    with pytest.raises(ValueError, match="vague_fraction, wrong_fraction"):
+        ShapesDataModule("a.tar", "b.tar", shapes={"vague": 0.1})

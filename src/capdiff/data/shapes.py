@@ -3,6 +3,11 @@
 Deterministic by seed, written as ordinary WebDataset shards (`<key>.png`, `<key>.txt`, `<key>.json`) on
 first use. The `.json` member holds the attributes the captions were written from, so evaluation can check
 generated images and captions against the truth.
+
+Web captions are often vague or wrong; `CaptionNoise` (`data.shapes.vague_fraction`, `wrong_fraction`) makes
+that share of the training captions name only some attributes, or a wrong colour or shape, so that recaptioning
+(`capdiff.recaption`) has something to repair. The validation captions stay complete and correct, and each
+noisy sample's json records which of its captions were degraded (`caption_quality`) next to the truth.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
@@ -50,7 +56,72 @@ TEMPLATES = (
     "a picture of a {size} {color} {shape} placed in the {position} over {background}",
     "{color} {shape} ({size}) in the {position} of a {background} image",
 )
+# Each names a strict subset of the five attributes, with the colour before the shape as every full template
+# has it, so capdiff.evaluation.shapes.parse_caption reads what a vague caption does say.
+VAGUE_TEMPLATES = (
+    "a picture",
+    "an image",
+    "a {shape}",
+    "a {color} {shape}",
+    "a {shape} on a {background} background",
+    "a {size} {shape} in the {position}",
+    "a {color} {shape} in the {position}",
+)
 SUPERSAMPLE = 4  # draw at 4× and box-filter down: antialiased edges without ringing
+
+
+@dataclass(frozen=True)
+class CaptionNoise:
+    """The share of training captions that are vague (name only some attributes, or none) and that are wrong
+    (name a wrong colour or shape); each caption is drawn on its own."""
+
+    vague_fraction: float = 0.0
+    wrong_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vague_fraction", "wrong_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"data.shapes.{name}={getattr(self, name)} is not in [0, 1].")
+        if self.vague_fraction + self.wrong_fraction > 1.0:
+            raise ValueError(
+                f"data.shapes.vague_fraction + wrong_fraction = {self.vague_fraction + self.wrong_fraction:g} is "
+                "over 1: they are shares of the same captions; lower one of them."
+            )
+
+    @property
+    def clean(self) -> bool:
+        return not (self.vague_fraction or self.wrong_fraction)
+
+    @property
+    def folder_tag(self) -> str:
+        """What the training shards' folder name carries (conf/data/synthetic.yaml), so that shards, tokenizers
+        and latents of noisy captions never mix with the clean ones: empty when clean."""
+        return "" if self.clean else f"-vague{self.vague_fraction:g}-wrong{self.wrong_fraction:g}"
+
+    def degrade(self, caption: str, attributes: dict, rng: random.Random) -> tuple[str, str]:
+        """(caption, quality): `caption` as it is ("clean"), or a "vague" or "wrong" one in its place."""
+        draw = rng.random()
+        if draw < self.vague_fraction:
+            return rng.choice(VAGUE_TEMPLATES).format(**attributes), "vague"
+        if draw < self.vague_fraction + self.wrong_fraction:
+            return rng.choice(TEMPLATES).format(**wrong_attributes(attributes, rng)), "wrong"
+        return caption, "clean"
+
+
+CLEAN = CaptionNoise()
+
+
+def wrong_attributes(attributes: dict, rng: random.Random) -> dict:
+    """`attributes` with the colour or the shape (one of the two, drawn) replaced by another one."""
+    if rng.random() < 0.5:
+        others = [c for c in COLORS if c not in (attributes["color"], attributes["background"])]
+        return attributes | {"color": rng.choice(others)}
+    return attributes | {"shape": rng.choice([s for s in SHAPES if s != attributes["shape"]])}
+
+
+def shapes_folder_tag(vague_fraction: float, wrong_fraction: float) -> str:
+    """`CaptionNoise.folder_tag` of the two fractions (the `capdiff.shapes_tag` config resolver)."""
+    return CaptionNoise(float(vague_fraction), float(wrong_fraction)).folder_tag
 
 
 def sample_attributes(rng: random.Random) -> dict:
@@ -88,22 +159,31 @@ def render(attributes: dict, image_size: int, rng: random.Random) -> Image.Image
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def make_sample(index: int, split: str, seed: int, image_size: int) -> dict:
-    """The sample at `index` of a split: the same bytes for the same (index, split, seed, size)."""
+def make_sample(index: int, split: str, seed: int, image_size: int, noise: CaptionNoise = CLEAN) -> dict:
+    """The sample at `index` of a split: the same bytes for the same (index, split, seed, size, noise). The
+    image and the true attributes do not depend on `noise`; with it, the json also holds `caption_quality`."""
     rng = random.Random(f"capdiff/shapes/{seed}/{split}/{index}")
     attributes = sample_attributes(rng)
     captions = captions_for(attributes, rng)
     buffer = io.BytesIO()
     render(attributes, image_size, rng).save(buffer, format="PNG", optimize=False)
+    record = attributes | {"captions": captions}
+    if not noise.clean:
+        # A stream of its own, so that the image and the clean captions are those of the clean dataset.
+        noise_rng = random.Random(f"capdiff/shapes/{seed}/{split}/{index}/caption-noise")
+        captions, quality = zip(*(noise.degrade(c, attributes, noise_rng) for c in captions), strict=True)
+        record = attributes | {"captions": list(captions), "caption_quality": list(quality)}
     return {
         "__key__": f"{split}-{index:07d}",
         "png": buffer.getvalue(),
         "txt": captions[0].encode(),
-        "json": json.dumps(attributes | {"captions": captions}).encode(),
+        "json": json.dumps(record).encode(),
     }
 
 
-def write_split(paths: Sequence[Path], split: str, num_samples: int, seed: int, image_size: int) -> None:
+def write_split(
+    paths: Sequence[Path], split: str, num_samples: int, seed: int, image_size: int, noise: CaptionNoise = CLEAN
+) -> None:
     """Spread `num_samples` over the given shard files, each written to a temp name and renamed when whole."""
     if num_samples < len(paths):
         raise ValueError(f"data.shapes: {num_samples} {split} samples cannot fill {len(paths)} shards.")
@@ -113,12 +193,18 @@ def write_split(paths: Sequence[Path], split: str, num_samples: int, seed: int, 
         partial = partial_path(path)
         with wds.TarWriter(str(partial), encoder=False) as sink:
             for index in range(bounds[shard], bounds[shard + 1]):
-                sink.write(make_sample(index, split, seed, image_size))
+                sink.write(make_sample(index, split, seed, image_size, noise))
         partial.replace(path)
 
 
 def ensure_split(
-    urls: list[str], split: str, num_samples: int, seed: int, image_size: int, wait_s: float = 0.0
+    urls: list[str],
+    split: str,
+    num_samples: int,
+    seed: int,
+    image_size: int,
+    wait_s: float = 0.0,
+    noise: CaptionNoise = CLEAN,
 ) -> bool:
     """Write the split's shards unless a manifest says the same ones exist; True when it wrote them.
 
@@ -137,6 +223,8 @@ def ensure_split(
         "image_size": image_size,
         "shards": [p.name for p in paths],
     }
+    if not noise.clean:  # clean shards keep the manifest they had before the noise existed, and are not rewritten
+        wanted["caption_noise"] = {"vague_fraction": noise.vague_fraction, "wrong_fraction": noise.wrong_fraction}
 
     def ready() -> bool:
         return _manifest_matches(manifest, wanted) and all(p.is_file() for p in paths)
@@ -147,7 +235,7 @@ def ensure_split(
     if ready():
         return False
     log.info("writing %d shapes %s samples to %d shards in %s", num_samples, split, len(paths), paths[0].parent)
-    write_split(paths, split, num_samples, seed, image_size)
+    write_split(paths, split, num_samples, seed, image_size, noise)
     manifest.write_text(json.dumps(wanted, indent=1))
     return True
 
@@ -161,7 +249,8 @@ def _manifest_matches(manifest: Path, wanted: dict) -> bool:
 
 class ShapesDataModule(ImageTextDataModule):
     """`data=synthetic`: writes the shapes shards named by `train_urls`/`val_urls` on first use, then reads them
-    through the same pipeline as any other shards."""
+    through the same pipeline as any other shards. `data.shapes.vague_fraction` / `wrong_fraction` degrade the
+    training captions only (`CaptionNoise`)."""
 
     def __init__(self, *args, shapes: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -169,14 +258,22 @@ class ShapesDataModule(ImageTextDataModule):
         self.num_train = int(shapes.pop("num_train", 4096))
         self.num_val = int(shapes.pop("num_val", 512))
         self.shapes_seed = int(shapes.pop("seed", 0))
+        self.caption_noise = CaptionNoise(
+            float(shapes.pop("vague_fraction", 0.0)), float(shapes.pop("wrong_fraction", 0.0))
+        )
         if shapes:
-            raise ValueError(f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed.")
+            raise ValueError(
+                f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed, vague_fraction, "
+                "wrong_fraction."
+            )
 
     def prepare_data(self) -> None:
         if self.reading_latents:  # the urls now name the cached copies (capdiff.artifacts.prepare_latents)
             return
         wait_s = 0.0 if is_global_leader() else 600.0
         if self.train_urls:
-            ensure_split(self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s)
+            ensure_split(
+                self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s, self.caption_noise
+            )
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)
