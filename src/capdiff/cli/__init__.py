@@ -5,6 +5,7 @@
     capdiff edit     --ckpt CKPT IMG PROMPT [--strength S] --out DIR   writes one PNG, prints its path
     capdiff export   CKPT DIR                           the folder `Pipeline.from_pretrained` loads
     capdiff demo     CKPT [--port N]                    a Gradio page on 127.0.0.1 (needs the `demo` extra)
+    capdiff recaption CKPT 'URLS' OUT_DIR [options]     shards with synthetic captions and their scores
 
 CKPT is a `.ckpt` written by train.py or, except for `export`, a folder written by `capdiff export`. Results go
 to stdout, progress bars and messages to stderr. Bad input (a missing checkpoint, an unreadable image, a
@@ -17,7 +18,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from capdiff.cli.commands import progress, run_caption, run_demo, run_edit, run_export, run_generate, slug
+from capdiff.cli.commands import (
+    progress,
+    run_caption,
+    run_demo,
+    run_edit,
+    run_export,
+    run_generate,
+    run_recaption,
+    slug,
+)
 from capdiff.cli.inputs import (
     LOAD_ERRORS,
     MAX_PIXELS,
@@ -31,6 +41,8 @@ from capdiff.cli.inputs import (
     require,
     strength,
 )
+from capdiff.recaption.command import DESCRIPTION as RECAPTION_DESCRIPTION
+from capdiff.recaption.command import add_arguments as add_recaption_arguments
 
 # Everything capdiff.cli offered when it was one module, so that imports of it keep working.
 __all__ = [
@@ -61,13 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        status = args.run(args)
     except UsageError as err:
         print(f"capdiff {args.verb}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0  # recaption: 1 when a shard could not be read
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _device_option(demo)
     demo.set_defaults(run=run_demo)
+
+    recaption = verbs.add_parser(
+        "recaption", help="recaption shards, score and filter the captions", description=RECAPTION_DESCRIPTION
+    )
+    add_recaption_arguments(recaption)
+    recaption.set_defaults(run=run_recaption)
     return parser
 
 

@@ -112,3 +112,9 @@ def run_demo(args: argparse.Namespace) -> None:
     except OSError as err:
         reason = str(err).split(". ")[0]
         raise UsageError(f"--port {args.port}: cannot serve on it ({reason}); pass a free port") from err
+
+
+def run_recaption(args: argparse.Namespace) -> int:
+    from capdiff.recaption.command import run
+
+    return run(args)
