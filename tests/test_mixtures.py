@@ -3,9 +3,11 @@ and resumable as one source, with its own skip counts; and its config checked be
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from capdiff.data import ImageTextDataModule
 from capdiff.train import instantiate_data
@@ -164,3 +166,107 @@ def test_sources_compose_from_the_command_line(two_sources: list[dict], tmp_path
     cfg = compose_config(tmp_path, ["data=webdataset", override, "data.num_workers=0"])
     dm = instantiate_data(cfg.data)
     assert [(s.name, s.weight, len(s.urls)) for s in dm.sources] == [("a", 3.0, 4), ("source1", 1.0, 4)]
+
+
+# ---------------------------------------------------------------- caption mixtures (data.caption_mix)
+def recaptioned_shards(folder: Path, shards: int = 2, per_shard: int = 8) -> list[str]:
+    """Samples with two synthetic captions (a list) and the original one, in the json member."""
+    urls = []
+    for n in range(shards):
+        members = []
+        for i in range(per_shard):
+            record = {"caption_syn": [f"syn A {n}-{i}", f"syn B {n}-{i}"], "caption": f"orig {n}-{i}"}
+            members += [(f"r{n}-{i}.png", image_bytes()), (f"r{n}-{i}.json", json.dumps(record).encode())]
+        urls.append(str(write_tar(folder / f"r-{n}.tar", members)))
+    return urls
+
+
+def recaptioned(urls: list[str], **kwargs) -> ImageTextDataModule:
+    mix = {"json.caption_syn": 0.75, "json.caption": 0.25}
+    kwargs = {"batch_size": 8, "num_workers": 0, "samples_per_epoch": 96, "shuffle_buffer": 8,
+              "caption_key": "json.caption", "caption_mix": mix} | kwargs  # fmt: skip
+    return ImageTextDataModule(train_urls=urls, val_urls=urls, **kwargs)
+
+
+def epoch_captions(dm: ImageTextDataModule) -> list[list[str]]:
+    return [batch["captions"] for batch in dm.train_dataloader()]
+
+
+def test_caption_mix_draws_each_key_by_its_probability_the_same_way_every_time(shard_dir: Path) -> None:
+    urls = recaptioned_shards(shard_dir)
+    dm = recaptioned(urls, samples_per_epoch=480)
+    dm.setup()
+    first = epoch_captions(dm)
+    captions = [c for batch in first for c in batch]
+    assert abs(sum(c.startswith("orig") for c in captions) / len(captions) - 0.25) < 0.05
+    assert {c.split()[1] for c in captions if c.startswith("syn")} == {"A", "B"}  # one of the list, by the rng
+    again = recaptioned(urls, samples_per_epoch=480)
+    again.setup()
+    assert epoch_captions(again) == first
+    # validation reads data.caption_key alone
+    assert {c.split()[0] for b in dm.val_dataloader() for c in b["captions"]} == {"orig"}
+
+
+@pytest.mark.parametrize(("workers", "trained"), [(0, 5), (2, 4)])
+def test_caption_mix_resumed_mid_epoch_gives_the_captions_the_whole_run_had_left(
+    shard_dir: Path, workers: int, trained: int
+) -> None:
+    urls = recaptioned_shards(shard_dir)
+    whole = recaptioned(urls, num_workers=workers, captioner_caption_key="json.caption_syn")
+    whole.setup()
+    batches = [(b["keys"], b["captions"], b["caption_targets"]) for b in whole.train_dataloader()]
+    resumed = recaptioned(urls, num_workers=workers, captioner_caption_key="json.caption_syn")
+    resumed.load_state_dict({"train_stream": {"epoch": 0, "trained_batches": trained}})
+    resumed.setup()
+    assert [(b["keys"], b["captions"], b["caption_targets"]) for b in resumed.train_dataloader()] == batches[trained:]
+
+
+def test_the_captioner_trains_on_its_own_caption_key(shard_dir: Path) -> None:
+    urls = recaptioned_shards(shard_dir)
+    dm = recaptioned(urls, captioner_caption_key="json.caption")
+    dm.setup()
+    batch = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert all(t == f"orig {k[1:]}" for k, t in zip(batch["keys"], batch["caption_targets"], strict=True))
+    assert any(c.startswith("syn") for c in batch["captions"])  # the generator's, from the mix
+    val = next(iter(dm.val_dataloader()))
+    assert val["caption_targets"] == val["captions"]  # both json.caption here
+    assert "caption_targets" not in next(iter(recaptioned(urls).train_dataloader()))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"caption_mix": {"json.caption_syn": 0.5, "json.caption": 0.3}}, r"data.caption_mix: the probabilities"),
+        ({"caption_mix": {"json.caption_syn": 1.2, "json.caption": -0.2}}, r"data.caption_mix.json.caption=-0.2"),
+        ({"caption_mix": {}}, r"data.caption_mix=\{\} must map caption keys to probabilities"),
+        ({"caption_mix": {"png": 1.0}}, r"data.caption_mix key='png' names an image member"),
+        ({"captioner_caption_key": "txt.x"}, r"data.captioner_caption_key='txt.x': only the json member has fields"),
+    ],
+)
+def test_a_bad_caption_mix_fails_at_construction_naming_its_key(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        recaptioned([MISSING], **kwargs)
+
+
+def test_caption_keys_missing_from_the_shards_fail_at_start_up(shard_dir: Path) -> None:
+    urls = recaptioned_shards(shard_dir)
+    with pytest.raises(ValueError, match=r"data.caption_mix='json.nope' is in none of the first"):
+        recaptioned(urls, caption_mix={"json.nope": 0.5, "json.caption": 0.5}).setup()
+    with pytest.raises(ValueError, match=r"data.captioner_caption_key='json.alt' is in none of the first"):
+        recaptioned(urls, captioner_caption_key="json.alt").setup()
+
+
+def test_the_caption_loss_reads_the_captioner_targets(smoke_cfg) -> None:
+    from tests.test_module import build
+
+    model, batch = build(smoke_cfg())
+    model.eval()  # no dropout: the passes differ only in their caption targets
+
+    def losses(targets: list[str] | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same posterior draw of the latents each time
+        return model.losses(batch if targets is None else batch | {"caption_targets": targets}, "val")
+
+    plain, same, other = losses(None), losses(batch["captions"]), losses(["a blue square"] * len(batch["captions"]))
+    torch.testing.assert_close(same["caption_loss"], plain["caption_loss"])
+    assert not torch.isclose(other["caption_loss"], plain["caption_loss"])
+    torch.testing.assert_close(other["diffusion_loss"], plain["diffusion_loss"])  # the generator's: the captions

@@ -184,7 +184,8 @@ class JointModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         vision = self.vision(pixels) if self.vision is not None else None
         if self.weights["caption"]:
-            teacher_forced = self.llm.caption_logits(vision["prefix"], captions)
+            # the captioner's own targets when the data gives them (data.captioner_caption_key)
+            teacher_forced = self.llm.caption_logits(vision["prefix"], batch.get("caption_targets", captions))
             out["caption_loss"] = caption_loss(teacher_forced["logits"], teacher_forced["labels"])
         embed = bool(self.weights["contrastive"])
         cond = self.encode_text(captions, embed=embed) if self.conditioner is not None else None
