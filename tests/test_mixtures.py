@@ -128,6 +128,12 @@ def test_a_bad_source_fails_at_construction_naming_its_key(sources, match: str) 
         mixture(sources)
 
 
+def test_cached_latents_need_one_caption_key_for_every_source() -> None:
+    sources = [{"urls": MISSING, "weight": 1}, {"urls": MISSING, "weight": 1, "caption_key": "json.alt"}]
+    with pytest.raises(ValueError, match=r"caption_key='txt', but data.sources\[1\].caption_key='json.alt'"):
+        mixture(sources, latents=True)
+
+
 def test_train_urls_and_sources_together_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"data.train_urls and data.sources are both set"):
         ImageTextDataModule(train_urls=MISSING, val_urls=None, sources=[{"urls": MISSING, "weight": 1}])
