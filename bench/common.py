@@ -41,6 +41,12 @@ def compose(overrides: list[str], data_dir: Path | None = None):
         return hydra_compose("train", overrides=base + overrides)
 
 
+def max_time(minutes: float) -> str:
+    """`trainer.max_time`'s DD:HH:MM:SS for a training budget in minutes (the longer studies train by time)."""
+    seconds = max(1, round(minutes * 60))
+    return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 # The first-stage autoencoder only has to exist for speed measurements: a short one is cached separately.
 FAST_AUTOENCODER = ["model.vae.first_stage.max_steps=20"]
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import max_time
 from rich.console import Console
 from rich.table import Table
 
@@ -59,8 +60,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="where shapes data and derived models are cached")
     args = p.parse_args()
 
-    seconds = round(args.minutes * 60)
-    clock = f"trainer.max_time=00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    clock = f"trainer.max_time={max_time(args.minutes)}"
     if args.quick:
         clock = "trainer.max_steps=4"
     data = ["trainer.max_epochs=1000", "callbacks.periodic_eval=null"]

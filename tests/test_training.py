@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import shutil
 import subprocess
@@ -36,6 +37,10 @@ def test_fit_writes_checkpoints_samples_and_metrics(smoke_cfg, tmp_path: Path) -
     assert (run / "config.yaml").is_file() and (run / "metrics.json").is_file()
     for term in ("diffusion", "caption", "contrastive"):
         assert f"val/{term}_loss" in metrics
+    # the periodic evaluation at the end of training says when it ran, in minutes of training
+    rows = list(csv.DictReader((run / "csv" / "version_0" / "metrics.csv").open()))
+    minutes = [float(r["peval/train_minutes"]) for r in rows if r.get("peval/train_minutes")]
+    assert len(minutes) == 1 and 0 < minutes[0] < 5
 
 
 def test_resume_continues_at_the_same_step_with_the_same_optimizer_state(smoke_cfg, tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ fixed seeds, scored and logged (`peval/...`), so a run's curves show what the sa
 from __future__ import annotations
 
 import logging
+import time
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.utilities import rank_zero_only
 
 from capdiff.data.shapes import ShapesDataModule
@@ -39,6 +41,10 @@ class PeriodicEval(pl.Callback):
         self._batch: dict | None = None
         self._probe = None
         self.last_metrics: dict[str, float] = {}  # the latest evaluation's `peval/...` figures (rank 0)
+        self._started = time.monotonic()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
@@ -67,7 +73,7 @@ class PeriodicEval(pl.Callback):
         datamodule = trainer.datamodule
         if self._probe is None and isinstance(datamodule, ShapesDataModule):
             folder = probe_folder(self.cache_dir, datamodule)
-            self._probe = load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
+            self._probe = load_probe(datamodule.shapes_train_urls, datamodule.val_urls, folder)[0]
         return self._probe
 
     @rank_zero_only
@@ -93,9 +99,17 @@ class PeriodicEval(pl.Callback):
                 images = model.generate(captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
                 scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
                 metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
+        metrics["train_minutes"] = self._train_minutes(trainer)
         metrics = {f"peval/{k}": v for k, v in metrics.items()}
         self.last_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         summary = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in metrics.items() if k.endswith("/mean"))
         log.info("step %d: %s", trainer.global_step, summary or "evaluated")
+
+    def _train_minutes(self, trainer: pl.Trainer) -> float:
+        """Wall minutes of training so far, evaluations included: the `trainer.max_time` clock where there is
+        one (it carries over a resume), else this process's since training started."""
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        seconds = timer.time_elapsed("train") if timer is not None else time.monotonic() - self._started
+        return seconds / 60.0
