@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 
 from capdiff.train import resolve_ckpt_path, train
 from tests.helpers import REPO
@@ -114,6 +115,12 @@ def test_init_from_loads_weights_into_a_fresh_run(smoke_cfg, tmp_path: Path) -> 
     assert captured.step == 0
     for name, value in weights.items():
         torch.testing.assert_close(captured.state[name], value)
+    # the tokenizer the weights were trained with comes along (other data would build another one)
+    used = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert Path(used.model.llm.tokenizer) == tmp_path / "run" / "parts" / "tokenizer"
+
+    with pytest.raises(FileNotFoundError, match=r"init_from='.*missing.ckpt': no such checkpoint file"):
+        train(smoke_cfg(f"init_from={tmp_path / 'missing.ckpt'}"))
 
     with pytest.raises(ValueError, match="init_from and ckpt_path are both set"):
         train(smoke_cfg(f"init_from={source}", f"ckpt_path={source}"))

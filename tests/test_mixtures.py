@@ -235,7 +235,7 @@ def test_the_captioner_trains_on_its_own_caption_key(shard_dir: Path) -> None:
     assert all(t == f"orig {k[1:]}" for k, t in zip(batch["keys"], batch["caption_targets"], strict=True))
     assert any(c.startswith("syn") for c in batch["captions"])  # the generator's, from the mix
     val = next(iter(dm.val_dataloader()))
-    assert val["caption_targets"] == val["captions"]  # both json.caption here
+    assert "caption_targets" not in val  # validation scores against data.caption_key's references
     assert "caption_targets" not in next(iter(recaptioned(urls).train_dataloader()))
 
 
@@ -276,3 +276,41 @@ def test_the_caption_loss_reads_the_captioner_targets(smoke_cfg) -> None:
     torch.testing.assert_close(same["caption_loss"], plain["caption_loss"])
     assert not torch.isclose(other["caption_loss"], plain["caption_loss"])
     torch.testing.assert_close(other["diffusion_loss"], plain["diffusion_loss"])  # the generator's: the captions
+
+
+# ---------------------------------------------------------------- what else reads the mixture
+def test_the_tokenizer_is_built_on_each_sources_captions_by_its_weight(shard_dir: Path) -> None:
+    """The built tokenizer (model.llm.build_tokenizer) reads every source with its own caption key, each its
+    weight's share of the captions."""
+    from capdiff.artifacts import training_captions
+
+    plain = source_shards(shard_dir, "t", shards=2, per_shard=20)  # txt: "caption  of\nt0-00000 "
+    sources = [{"urls": plain, "weight": 1}, {"urls": recaptioned_shards(shard_dir), "weight": 3,
+                                             "caption_key": "json.caption"}]  # fmt: skip
+    captions = list(training_captions(mixture(sources), limit=16))
+    assert sum(c.startswith("caption") for c in captions) == 4
+    assert sum(c.startswith("orig") for c in captions) == 12
+
+
+def test_latent_caching_from_a_run_folder_reads_every_source(shard_dir: Path, tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from capdiff.data.cache_latents import _from_config
+
+    a, b = "/data/a-{0..3}.tar", "/data/b-{0..1}.tar"
+    sources = f'data.sources=[{{urls:"{a}",weight:3}},{{urls:"{b}",weight:1}}]'
+    cfg = compose_config(tmp_path, ["data=webdataset", sources, "data.val_urls=/data/val.tar"])
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    assert _from_config(tmp_path)["urls"] == [a, b, "/data/val.tar"]
+
+
+def test_evaluation_drops_the_mixture_of_the_run_it_evaluates(tmp_path: Path) -> None:
+    """evaluate.py reads the validation shards alone: a run's data.sources are neither opened nor required."""
+    from capdiff.evaluate import follow_run
+
+    cfg = compose_config(tmp_path, ["data=webdataset", 'data.sources=[{urls:"/gone/{0..3}.tar",weight:1}]',
+                                    "data.val_urls=/data/val.tar"])  # fmt: skip
+    follow_run(cfg, None, int(cfg.data.image_size), None)
+    assert cfg.data.sources is None and cfg.data.train_urls is None
+    dm = instantiate_data(cfg.data)
+    assert dm.sources == [] and dm.val_urls == ["/data/val.tar"]

@@ -35,6 +35,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "capdiff.gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else None
         )
+    if not OmegaConf.has_resolver("capdiff.shapes_tag"):
+        # conf/data/synthetic.yaml: shapes with noisy training captions live in a folder of their own
+        OmegaConf.register_new_resolver("capdiff.shapes_tag", _shapes_tag)
+
+
+def _shapes_tag(vague_fraction: float, wrong_fraction: float) -> str:
+    from capdiff.data.shapes import shapes_folder_tag  # the data package imports torch: only when composed
+
+    return shapes_folder_tag(vague_fraction, wrong_fraction)
 
 
 def is_multirun() -> bool:

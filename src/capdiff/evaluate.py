@@ -97,6 +97,8 @@ def follow_run(cfg: DictConfig, run: dict | None, image_size: int, explicit: set
                 f"cached latents: drop data.{key} (data.val_urls names the image shards to evaluate on)."
             )
     data["latents"], data["latents_dir"] = False, None  # a run that trained on cached latents: its images
+    # what training drew its captions from: evaluation reads the validation shards' references alone
+    data["sources"], data["caption_mix"], data["captioner_caption_key"] = None, None, None
     if not str(data.get("_target_")).endswith("ShapesDataModule"):  # the shapes probe trains on the train split
         data["train_urls"], data["samples_per_epoch"] = None, None
     if "image_size" in explicit and int(data["image_size"]) != image_size:
@@ -185,7 +187,7 @@ def build_evaluator(
                 "eval.fid.feature=inception, or clip/dinov2 with eval.fid.name_or_path."
             )
         folder = probe_folder(cfg.paths.data_dir, datamodule)
-        return load_probe(datamodule.train_urls, datamodule.val_urls, folder)[0]
+        return load_probe(datamodule.shapes_train_urls, datamodule.val_urls, folder)[0]
 
     extractor = real_cache = None
     if feature and model.can_generate:

@@ -121,6 +121,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             "init_from and ckpt_path are both set: ckpt_path resumes a run (weights, optimizer, step), init_from "
             "only loads weights into a new run. Give one of them."
         )
+    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file (give a .ckpt train.py wrote).")
     if not cfg.data.get("_target_"):
         raise ValueError(
             "data=from_checkpoint is evaluate.py's default (a checkpoint's own data): train with data=synthetic "
@@ -129,7 +131,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     datamodule = instantiate_data(cfg.data)  # checks the data.* values; nothing is read or written yet
     if not datamodule.train_urls:
         raise ValueError(
-            "data.train_urls is not set: give the training shards, e.g. data.train_urls='/data/{000..099}.tar'."
+            "data.train_urls is not set: give the training shards, e.g. \"data.train_urls='/data/{000..099}.tar'\" "
+            "(Hydra's quotes inside the shell's), or a weighted mixture in data.sources."
         )
     record = RunRecord(cfg)  # the run's config as given, before the derived parts are filled in
     if cfg.get("stage") != "autoencoder":
@@ -141,7 +144,10 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
                              cfg.paths.output_dir)  # fmt: skip
         report = json.loads((folder / "capdiff_first_stage.json").read_text())
         return {"autoencoder/val_rec_loss": report["val_rec_loss"]}
-    derived = derive_parts(cfg, datamodule, restore_parts(cfg, ckpt_path) if ckpt_path is not None else None)
+    # The tokenizer and first-stage autoencoder the weights were trained with come from the checkpoint, whether
+    # the run resumes it or starts from its weights on other data (whose captions would build another tokenizer).
+    weights_from = ckpt_path if ckpt_path is not None else cfg.get("init_from")
+    derived = derive_parts(cfg, datamodule, restore_parts(cfg, weights_from) if weights_from else None)
     used = cfg.copy()
     with open_dict(used):
         used.model = model_config(cfg, derived)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from capdiff.artifacts.autoencoder import train_autoencoder
 from capdiff.data import ImageTextDataModule
 from capdiff.data.cache_latents import cache_latents, check_cache, is_complete, read_manifest, vae_fingerprint
-from capdiff.data.decode import BadSample, decode_captions
+from capdiff.data.decode import BadSample, CaptionKey, decode_captions
 from capdiff.distributed import is_global_leader, wait_until
 from capdiff.models.tokenizer import build_byte_bpe
 
@@ -82,24 +83,39 @@ def derive_parts(cfg: DictConfig, datamodule: ImageTextDataModule, given: Derive
     return DerivedParts(tokenizer, autoencoder, key)
 
 
-def cache_folder(root: str | Path, kind: str, datamodule: ImageTextDataModule, settings: dict) -> Path:
-    identity = {"urls": datamodule.train_urls, "caption_key": datamodule.caption_key.spec, "settings": settings}
+def cache_folder(
+    root: str | Path, kind: str, datamodule: ImageTextDataModule, settings: dict, urls: list[str] | None = None
+) -> Path:
+    """`root/kind/<folder>-<digest>`, the digest of what the cached thing is built from: the training shards
+    (`urls` when it is built from those alone), their caption keys and `settings`."""
+    identity = {"urls": urls or datamodule.train_urls, "caption_key": datamodule.caption_key.spec, "settings": settings}
+    if urls is None and (
+        len(datamodule.sources) > 1 or any(s.caption_key != datamodule.caption_key for s in datamodule.sources)
+    ):
+        # a mixture: its weights and each source's caption key decide what the tokenizer is built on
+        identity["sources"] = [(s.name, s.weight, s.caption_key.spec) for s in datamodule.sources]
     digest = hashlib.sha1(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    name = Path(datamodule.train_urls[0]).parent.name or "data"
+    name = Path((urls or datamodule.train_urls)[0]).parent.name or "data"
     return Path(root) / kind / f"{name}-{digest}"
 
 
 def training_captions(datamodule: ImageTextDataModule, limit: int) -> Iterator[str]:
-    count = 0
-    for sample in wds.tarfile_samples([{"url": u} for u in datamodule.train_urls], handler=wds.warn_and_continue):
+    """The captions of up to `limit` training samples, each source's with its own caption key; a mixture gives
+    each source its weight's share of the samples (and a source that runs out leaves its share unused)."""
+    total = sum(s.weight for s in datamodule.sources)
+    for source in datamodule.sources:
+        share = max(1, round(limit * source.weight / total))
+        samples = wds.tarfile_samples([{"url": u} for u in source.urls], handler=wds.warn_and_continue)
+        for sample in islice(_decodable(samples, source.caption_key), share):
+            yield from sample
+
+
+def _decodable(samples: Iterable[dict], caption_key: CaptionKey) -> Iterator[list[str]]:
+    for sample in samples:
         try:
-            captions = decode_captions(sample, datamodule.caption_key)
+            yield decode_captions(sample, caption_key)
         except BadSample:
             continue
-        yield from captions
-        count += 1
-        if count >= limit:
-            return
 
 
 def prepare_tokenizer(cfg: DictConfig, datamodule: ImageTextDataModule) -> Path:

@@ -194,11 +194,12 @@ def _from_config(path: Path) -> dict:
     if path.is_dir():
         path = path / "config.yaml"
     cfg = OmegaConf.load(path)
+    source_urls = [source.get("urls") for source in cfg.data.get("sources") or []]  # a mixture's shards
     return {
         "vae": cfg.model.vae.get("name_or_path"),
         "image_size": int(cfg.data.image_size),
         "caption_key": str(cfg.data.get("caption_key", "txt")),
-        "urls": [u for u in (cfg.data.get("train_urls"), cfg.data.get("val_urls")) if u],
+        "urls": [u for u in (cfg.data.get("train_urls"), *source_urls, cfg.data.get("val_urls")) if u],
     }
 
 

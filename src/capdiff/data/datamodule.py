@@ -125,14 +125,16 @@ class ImageTextDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.setup_streams(*self._rank_and_world())
 
-    def _spec(self, random_crop: bool) -> DecodeSpec:
-        return DecodeSpec(self.image_size, self.caption_key, self.max_pixels, random_crop, self.reading_latents,
-                          target_key=self.captioner_caption_key)  # fmt: skip
+    def _spec(self, train: bool) -> DecodeSpec:
+        """How samples decode. The captioner's own targets (data.captioner_caption_key) are a training choice:
+        validation scores both directions against data.caption_key's captions, the shards' references."""
+        return DecodeSpec(self.image_size, self.caption_key, self.max_pixels, train and self.random_crop,
+                          self.reading_latents, target_key=self.captioner_caption_key if train else None)  # fmt: skip
 
     def setup_streams(self, rank: int, world_size: int) -> None:
         """Check the shards and build the streams of one rank (tests call it to play several ranks)."""
         self._check_shards()
-        self.val_stream = ValStream(self.val_urls, self._spec(False), self.val_batch_size, rank, world_size,
+        self.val_stream = ValStream(self.val_urls, self._spec(train=False), self.val_batch_size, rank, world_size,
                                     self.val_skip_counter, self.skip_log_every_s)  # fmt: skip
         if not self.sources:
             self.train_stream = None
@@ -150,7 +152,7 @@ class ImageTextDataModule(pl.LightningDataModule):
         per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         self.train_stream = TrainStream(
             self.sources,
-            self._spec(self.random_crop),
+            self._spec(train=True),
             batch_size=self.batch_size,
             batches_per_worker=math.ceil(per_rank / workers),
             num_workers=self.num_workers,
@@ -191,9 +193,9 @@ class ImageTextDataModule(pl.LightningDataModule):
                 check_caption_key(source.urls[0], key, source.caption_key_name)
         if not self.sources and self.val_urls:
             check_caption_key(self.val_urls[0], self.caption_key, "data.caption_key")
-        if self.captioner_caption_key is not None:
-            first = (self.train_urls or self.val_urls)[0]
-            check_caption_key(first, self.captioner_caption_key, "data.captioner_caption_key")
+        if self.captioner_caption_key is not None and self.sources:  # training reads it; validation does not
+            for source in self.sources:
+                check_caption_key(source.urls[0], self.captioner_caption_key, "data.captioner_caption_key")
         self._shards_checked = True
 
     def _samples_per_epoch(self) -> int:

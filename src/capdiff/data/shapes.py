@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from capdiff.data.datamodule import ImageTextDataModule
-from capdiff.data.urls import local_path
+from capdiff.data.urls import expand_urls, local_path
 from capdiff.distributed import is_global_leader, partial_path, wait_until
 
 log = logging.getLogger(__name__)
@@ -250,10 +250,18 @@ def _manifest_matches(manifest: Path, wanted: dict) -> bool:
 class ShapesDataModule(ImageTextDataModule):
     """`data=synthetic`: writes the shapes shards named by `train_urls`/`val_urls` on first use, then reads them
     through the same pipeline as any other shards. `data.shapes.vague_fraction` / `wrong_fraction` degrade the
-    training captions only (`CaptionNoise`)."""
+    training captions only (`CaptionNoise`).
 
-    def __init__(self, *args, shapes: dict | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    With `data.sources` the model trains on that mixture instead (e.g. recaptioned copies of the shapes, or the
+    shapes mixed with other shards); the shapes' own training split (`shapes_train_urls`) is still written, as
+    the probe that scores generations is trained on it."""
+
+    def __init__(
+        self, train_urls: str | Sequence[str] | None = None, *args, shapes: dict | None = None, **kwargs
+    ) -> None:
+        sources = kwargs.get("sources")
+        super().__init__(None if sources is not None else train_urls, *args, **kwargs)
+        self.shapes_train_urls = expand_urls(train_urls, "data.train_urls") if train_urls is not None else []
         shapes = dict(shapes or {})
         self.num_train = int(shapes.pop("num_train", 4096))
         self.num_val = int(shapes.pop("num_val", 512))
@@ -271,9 +279,10 @@ class ShapesDataModule(ImageTextDataModule):
         if self.reading_latents:  # the urls now name the cached copies (capdiff.artifacts.prepare_latents)
             return
         wait_s = 0.0 if is_global_leader() else 600.0
-        if self.train_urls:
+        if self.shapes_train_urls:
             ensure_split(
-                self.train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s, self.caption_noise
-            )
+                self.shapes_train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s,
+                self.caption_noise,
+            )  # fmt: skip
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)

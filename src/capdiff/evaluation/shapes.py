@@ -200,7 +200,7 @@ def probe_folder(data_dir: str | Path, datamodule) -> Path:
     """Where the probe for this datamodule's shapes is cached (shared by evaluate.py and the periodic eval)."""
     from capdiff.artifacts import cache_folder
 
-    return cache_folder(data_dir, "probes", datamodule, {"version": PROBE_VERSION})
+    return cache_folder(data_dir, "probes", datamodule, {"version": PROBE_VERSION}, urls=datamodule.shapes_train_urls)
 
 
 def load_probe(train_urls: Sequence[str], val_urls: Sequence[str], cache_dir: str | Path) -> tuple[ShapesProbe, dict]:
