@@ -64,7 +64,7 @@ def coco_scores():
         from pycocoevalcap.cider.cider import Cider
         from pycocoevalcap.rouge.rouge import Rouge
     except ImportError as error:
-        skip_or_fail(f"pycocoevalcap is not installed ({error}): pip install -c constraints.txt -e '.[dev]'")
+        skip_or_fail(f"pycocoevalcap is not installed ({error}): make install (EXTRAS with dev)")
 
     def scores(gts: dict, res: dict) -> tuple[dict[str, float], list[float]]:
         cider, per_image = Cider().compute_score(gts, res)

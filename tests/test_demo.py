@@ -51,7 +51,7 @@ def demo_url(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
         try:
             from capdiff.demo import launch
         except ImportError as err:
-            skip_or_fail(f"gradio is not installed ({err}): pip install -c constraints.txt -e '.[demo]'")
+            skip_or_fail(f"gradio is not installed ({err}): make install (EXTRAS with demo)")
         from capdiff.pipeline import Pipeline
 
         page = launch(
@@ -68,7 +68,7 @@ def browser() -> Iterator:
     try:
         from playwright.sync_api import Error, sync_playwright
     except ImportError as err:
-        skip_or_fail(f"playwright is not installed ({err}): pip install -c constraints.txt -e '.[dev]'")
+        skip_or_fail(f"playwright is not installed ({err}): make install (EXTRAS with dev)")
     if not CHROMIUM.is_file():
         skip_or_fail(f"no Chromium at {CHROMIUM}: run .ci/install-browser (apt-get install chromium, as root)")
     with sync_playwright() as playwright:

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="serve the caption / generate / edit page on localhost",
         description="Serve a Gradio page with three tabs (caption, generate, edit) on http://127.0.0.1:PORT "
-        "until interrupted. Needs the `demo` extra (pip install -c constraints.txt -e '.[demo]'); works "
+        "until interrupted. Needs the `demo` extra (make install, which includes it); works "
         "offline and sends no analytics.",
     )
     demo.add_argument("checkpoint", metavar="CKPT", help="a .ckpt written by train.py, or a `capdiff export` folder")

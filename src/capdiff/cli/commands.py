@@ -104,7 +104,8 @@ def run_demo(args: argparse.Namespace) -> None:
         from capdiff import demo
     except ImportError as err:
         raise UsageError(
-            f"the demo needs gradio ({err}); install the `demo` extra: pip install -c constraints.txt -e '.[demo]'"
+            f"the demo needs gradio ({err}); install the `demo` extra into the project's venv: `make install` "
+            "(its default EXTRAS include demo)"
         ) from err
     pipe = load_pipeline(ckpt, args.device, option="CKPT")
     try:
