@@ -15,6 +15,8 @@ RATIOS = {
     "latents": ["tiny preset: on-the-fly / cached step time (CPU)"],
     "sampling": ["capdiff/diffusers sampling images/s"],
     "step": ["step time before / now"],
+    "learning_curve": ["caption attribute accuracy at the end / 0.9"],
+    "bootstrap": ["bootstrapped / original probe attribute accuracy"],
     "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
     "recipes": ["joint / text_gan probe attribute accuracy", "text_gan with / without median"],
     "ema": ["capdiff / fastest diffusers update time", "capdiff / diffusers-foreach memory added per update"],
