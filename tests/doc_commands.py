@@ -369,13 +369,18 @@ def hf_download_help() -> str:
 
 def parse(main, args: list[str]) -> None:
     """Run `main(args)` until its argument parser has parsed them; fail on a parse error (exit 2)."""
-    original = argparse.ArgumentParser.parse_args
+    parser = argparse.ArgumentParser
+    originals = {name: getattr(parser, name) for name in ("parse_args", "parse_intermixed_args")}
 
-    def parse_then_stop(self, args=None, namespace=None):
-        original(self, args, namespace)
-        raise Parsed
+    def stopping(name: str):
+        def parse_then_stop(self, args=None, namespace=None):
+            originals[name](self, args, namespace)
+            raise Parsed
 
-    argparse.ArgumentParser.parse_args = parse_then_stop
+        return parse_then_stop
+
+    for name in originals:  # either way a program parses its command line, nothing of it runs afterwards
+        setattr(parser, name, stopping(name))
     try:
         main(args)
     except Parsed:
@@ -385,7 +390,8 @@ def parse(main, args: list[str]) -> None:
             raise AssertionError(f"the arguments {args} did not parse (exit {err.code})") from None
         return
     finally:
-        argparse.ArgumentParser.parse_args = original
+        for name, method in originals.items():
+            setattr(parser, name, method)
     raise AssertionError(f"{main} returned without parsing its arguments")
 
 

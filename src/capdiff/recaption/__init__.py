@@ -41,7 +41,16 @@ _HOMES = {
     "filter_shards": "capdiff.recaption.run",
     "recaption": "capdiff.recaption.run",
 }
-__all__ = ["Decoding", "FilterRule", "Recaptioner", "Summary", "filter_captions", "filter_shards", "recaption"]
+__all__ = ["Decoding", "FilterRule", "Recaptioner", "Summary", "filter_captions", "filter_shards", "main", "recaption"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m capdiff.recaption ARGS`: the same as `capdiff recaption ARGS`."""
+    import sys
+
+    from capdiff.cli import main as capdiff_main
+
+    return capdiff_main(["recaption", *(sys.argv[1:] if argv is None else argv)])
 
 
 def __getattr__(name: str):

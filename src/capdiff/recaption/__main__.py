@@ -2,6 +2,6 @@
 
 import sys
 
-from capdiff.cli import main
+from capdiff.recaption import main
 
-sys.exit(main(["recaption", *sys.argv[1:]]))
+sys.exit(main())
