@@ -34,7 +34,7 @@ from common import REPO, console, parser, ratio_line, show
 from capdiff.testing.hub import GPT2, SD15, write_hub
 
 # --quick: the reduced hub's widths need narrower capdiff heads than the preset's
-QUICK = ["model.vision.resampler.width=64", "model.conditioner.hidden=64", "model.contrastive.embed_dim=32"]
+QUICK = ["model.vision.resampler.width=64", "model.conditioner.width=64", "model.contrastive.embed_dim=32"]
 
 
 def run(name: str, command: list[str], env: dict, log: Path) -> dict:

@@ -38,7 +38,7 @@ def build(folder: Path, image_size: int, checkpointing: bool, channels_last: boo
         cfg.model.unet.name_or_path = None  # the SD-1.5 UNet's shape from the preset's config, random weights
         cfg.model.unet.gradient_checkpointing = checkpointing
         cfg.model.speed = {"channels_last": channels_last, "compile": {"unet": compile_unet}}
-    model = instantiate(cfg.model)
+    model = instantiate(cfg.model, recursive=False)
     model.model.llm.lm.resize_token_embeddings(50257)  # GPT-2's real vocabulary: its output layer is a real cost
     return model
 

@@ -125,7 +125,7 @@ def test_init_from_loads_weights_into_a_fresh_run(smoke_cfg, tmp_path: Path) -> 
     with pytest.raises(ValueError, match="init_from and ckpt_path are both set"):
         train(smoke_cfg(f"init_from={source}", f"ckpt_path={source}"))
     with pytest.raises(ValueError, match=r"does not match this model .*config.yaml"):
-        train(smoke_cfg(f"init_from={source}", "model.conditioner.hidden=48"))
+        train(smoke_cfg(f"init_from={source}", "model.conditioner.width=48"))
 
 
 def checkpoints_load(folder: Path) -> list[int]:

@@ -254,7 +254,7 @@ def test_sampling_during_training_runs_under_the_trainers_precision(smoke_cfg) -
 @pytest.mark.parametrize("lora", [True, False])
 def test_frozen_parts_stay_in_eval_mode_for_the_whole_run(smoke_cfg, lora: bool) -> None:
     hub = [
-        "model=sd15_gpt2", "data.image_size=64", "model.vision.resampler.width=64", "model.conditioner.hidden=64",
+        "model=sd15_gpt2", "data.image_size=64", "model.vision.resampler.width=64", "model.conditioner.width=64",
         "model.contrastive.embed_dim=32", f"model.llm.lora.enabled={lora}", "trainer.max_epochs=2",
         "callbacks.sample_grid=null", "callbacks.periodic_eval=null",
     ]  # fmt: skip

@@ -28,7 +28,8 @@ OLD_RUN = [
     "model.vision.config.hidden_size=16",
     "model.vision.config.intermediate_size=32",
     "model.vision.resampler.width=16",
-    "model.conditioner.hidden=16",
+    "model/conditioner/connector=mlp",  # written before connectors were a choice: the MLP, 16 wide
+    "model.conditioner.width=16",
     "model.contrastive.embed_dim=8",
     "data.shapes.num_train=64",
 ]

@@ -66,7 +66,7 @@ def sd15_overrides(models: dict[str, Path]) -> list[str]:
         f"model.unet.name_or_path={models['unet']}",
         "model.vision.resampler.width=32",
         "model.vision.resampler.heads=2",
-        "model.conditioner.hidden=32",
+        "model.conditioner.width=32",
     ]
 
 
@@ -95,7 +95,7 @@ def hub_overrides(*extra: str) -> list[str]:
         "model=sd15_gpt2",
         "data.image_size=64",
         "model.vision.resampler.width=64",
-        "model.conditioner.hidden=64",
+        "model.conditioner.width=64",
         "model.contrastive.embed_dim=32",
         *extra,
     ]

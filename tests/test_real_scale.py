@@ -58,7 +58,7 @@ def reduced(train_urls: str, val_urls: str) -> list[str]:
         "trainer.devices=1",
         "trainer.max_epochs=1",
         "model.vision.resampler.width=64",
-        "model.conditioner.hidden=64",
+        "model.conditioner.width=64",
         "model.contrastive.embed_dim=32",
         "callbacks.sample_grid.steps=2",
         "callbacks.sample_grid.num_prompts=2",

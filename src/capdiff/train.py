@@ -28,11 +28,12 @@ from capdiff.training.nonfinite import NonFiniteGuard
 log = logging.getLogger(__name__)
 
 
-def instantiate(node: DictConfig):
+def instantiate(node: DictConfig, recursive: bool = True):
     """hydra.utils.instantiate, with a user's config error raised as itself (Hydra wraps every error; the
-    original names the key to fix)."""
+    original names the key to fix). A model is built with `recursive=False`: its config is handed over as plain
+    dicts, and the parts it names by `_target_` (a connector) are the model's to build and check."""
     try:
-        return hydra.utils.instantiate(node, _convert_="all")
+        return hydra.utils.instantiate(node, _convert_="all", _recursive_=recursive)
     except InstantiationException as err:
         if isinstance(err.__cause__, ValueError | OSError):
             raise err.__cause__ from None
@@ -75,7 +76,7 @@ def model_config(cfg: DictConfig, derived: DerivedParts) -> DictConfig:
 
 def build_model(cfg: DictConfig, datamodule: ImageTextDataModule, derived: DerivedParts | None = None):
     """Derive what the model needs from the data (tokenizer, first stage), then build the LightningModule."""
-    return instantiate(model_config(cfg, derive_parts(cfg, datamodule, derived)))
+    return instantiate(model_config(cfg, derive_parts(cfg, datamodule, derived)), recursive=False)
 
 
 def check_multirun_strategy(cfg: DictConfig) -> None:
@@ -151,7 +152,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     used = cfg.copy()
     with open_dict(used):
         used.model = model_config(cfg, derived)
-    model = instantiate(used.model)
+    model = instantiate(used.model, recursive=False)
     if cfg.get("init_from") and ckpt_path is None:
         load_weights(model, cfg.init_from)
     save_resolved_config(used, cfg.paths.output_dir)

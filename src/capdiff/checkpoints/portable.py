@@ -76,8 +76,17 @@ MODEL_PREFIX = "model."  # the plain model's weights in a training checkpoint's 
 
 
 def model_config(hparams: dict) -> dict:
-    """A checkpoint's `model` config less its training settings: what builds the `JointModel`."""
-    return {k: copy.deepcopy(v) for k, v in dict(hparams).items() if k not in TRAINING_KEYS and k != "_target_"}
+    """A checkpoint's `model` config less its training settings: what builds the `JointModel`. A checkpoint
+    written before connectors were a choice has the MLP's width as `conditioner.hidden`: it becomes the MLP
+    connector's own."""
+    config = {k: copy.deepcopy(v) for k, v in dict(hparams).items() if k not in TRAINING_KEYS and k != "_target_"}
+    conditioner = dict(config.get("conditioner") or {})
+    if "hidden" in conditioner and "connector" not in conditioner:
+        hidden = conditioner.pop("hidden")
+        config["conditioner"] = conditioner | {
+            "connector": {"_target_": "capdiff.models.connectors.MLP", "hidden": hidden}
+        }
+    return config
 
 
 def rebuilt_config(hparams: dict, parts: dict, tokenizer_folder: Path) -> dict:

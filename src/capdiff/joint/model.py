@@ -96,7 +96,8 @@ class JointModel(nn.Module):
                 self.llm.hidden_size,
                 cross_dim,
                 embed_dim,
-                hidden=c.hidden,
+                connector=c.connector,
+                num_layers=self.llm.num_layers,
                 pool=c.pool,
                 diffusion_grad=c.diffusion_grad,
             )
@@ -149,8 +150,9 @@ class JointModel(nn.Module):
     def encode_text(self, captions: list[str], embed: bool = False) -> dict[str, torch.Tensor]:
         """The text-only LLM pass through the conditioner: `cond` (B×L×D), `cond_mask`, and with `embed` the
         contrastive `text_embed`."""
-        text = self.llm.text_hidden(captions)
-        return self.conditioner(text["hidden"], text["mask"], embed=embed)
+        connector = self.conditioner.connector
+        text = self.llm.text_hidden(captions, layers=connector.hidden_layers, queries=connector.query_tokens())
+        return self.conditioner(text["layers"], text["hidden"], text["mask"], embed=embed)
 
     def empty_condition(self, length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed empty-prompt condition (classifier-free guidance), padded to `length` tokens."""

@@ -17,6 +17,7 @@ from capdiff.evaluation.validation import log_validation_losses
 from capdiff.joint.model import JointModel
 from capdiff.joint.spec import JointSpec, Optim, parse
 from capdiff.models.compatibility import check_parts
+from capdiff.models.connectors import check_connector
 from capdiff.training.optimization import apply_freezing, build_optimizer, clip_gradients, trained_parameters
 
 
@@ -44,9 +45,9 @@ class JointModule(CheckpointHooks, pl.LightningModule):
     def parse_config(model: dict) -> tuple[JointSpec, Optim]:
         """The `model` config as the joint model's spec and the optimizer settings."""
         model = {k: v for k, v in model.items() if k != "_target_"}
-        return parse(JointSpec, {k: v for k, v in model.items() if k != "optim"}, "model"), parse(
-            Optim, model.get("optim"), "model.optim"
-        )
+        spec = parse(JointSpec, {k: v for k, v in model.items() if k != "optim"}, "model")
+        check_connector(spec.conditioner.connector)
+        return spec, parse(Optim, model.get("optim"), "model.optim")
 
     @classmethod
     def check_config(cls, model: dict) -> None:

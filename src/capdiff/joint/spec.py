@@ -68,9 +68,16 @@ class Vision:
     resampler: Resampler = field(default_factory=Resampler)
 
 
+def _mlp_connector() -> dict[str, Any]:
+    return {"_target_": "capdiff.models.connectors.MLP"}
+
+
 @dataclass
 class Conditioner:
-    hidden: int = 512
+    # `_target_` (a `capdiff.models.connectors.Connector`) and its arguments (conf/model/conditioner/connector/);
+    # a config without one was written before connectors were a choice, with the MLP
+    connector: dict[str, Any] = field(default_factory=_mlp_connector)
+    width: int = 512  # what the connector configs read as their width (the constructor's own default without one)
     pool: str = "last"
     diffusion_grad: bool = True
     in_dim: int | None = None  # checked against the LLM's width; null follows it

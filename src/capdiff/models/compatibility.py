@@ -14,6 +14,9 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from capdiff.models.connectors import build_connector
 from capdiff.models.hub import TOKENIZER, load_pretrained, locate
 
 
@@ -119,7 +122,8 @@ def check_parts(model: Mapping[str, Any], image_size: int) -> None:
     llm = model.get("llm") or {}
     if llm.get("tokenizer"):
         locate(llm["tokenizer"], "model.llm.tokenizer", markers=TOKENIZER)
-    llm_dim = llm_config(llm).hidden_size
+    llm_settings = llm_config(llm)
+    llm_dim = llm_settings.hidden_size
     vision = model.get("vision") or {}
     if (weights.get("caption") or weights.get("contrastive")) and vision.get("name_or_path"):
         load_pretrained(CLIPVisionConfig.from_pretrained, vision["name_or_path"], "model.vision.name_or_path")
@@ -136,9 +140,12 @@ def check_parts(model: Mapping[str, Any], image_size: int) -> None:
         vae_config = _with_defaults(AutoencoderKL, vae["first_stage"]["config"])
     else:
         raise ValueError("model.vae.name_or_path is null and model.vae.first_stage is not set: give one of them.")
-    check_dimensions(
-        unet_config, vae_config, image_size, llm_dim, model.get("conditioner") or {}, unet.get("name_or_path")
-    )
+    conditioner = model.get("conditioner") or {}
+    check_dimensions(unet_config, vae_config, image_size, llm_dim, conditioner, unet.get("name_or_path"))
+    if conditioner.get("connector"):
+        with torch.device("meta"):  # its own checks (sizes that fit each other), without allocating weights
+            cross = unet_config["cross_attention_dim"]
+            build_connector(conditioner["connector"], llm_dim, cross, llm_settings.num_hidden_layers)
 
 
 def check_positions(llm, prefix: int) -> None:

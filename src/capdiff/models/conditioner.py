@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from capdiff.models.connectors import build_connector
+
 
 class TextConditioner(nn.Module):
-    """LLM hidden states (B×L×d_llm) → `{"cond": B×L×d_cross, "cond_mask", "text_embed": B×d_embed}`.
+    """LLM hidden states → `{"cond": B×L×d_cross, "cond_mask", "text_embed": B×d_embed}`.
 
-    The text embedding is the projected hidden state at the last real token (`pool="last"`), which is the
-    only position of a causal LM that has seen the whole caption, or the masked mean (`pool="mean"`).
+    The connector (`capdiff.models.connectors`, `model.conditioner.connector`) makes the UNet's tokens; it also
+    says which LLM layers it reads and which learned tokens the LLM reads after the caption
+    (`JointModel.encode_text` runs the pass it asks for).
+
+    The text embedding is the projected last-layer state at the last position the LLM read (`pool="last"`: the
+    last word, or the last appended query), the only position of a causal LM that has seen the whole caption,
+    or the masked mean (`pool="mean"`).
 
     With `diffusion_grad=False` the diffusion loss trains the connector but not the LLM under it: the UNet
     reads the LLM's states as they are, as Stable Diffusion reads a frozen text encoder.
@@ -21,7 +30,8 @@ class TextConditioner(nn.Module):
         llm_dim: int,
         cross_dim: int,
         embed_dim: int,
-        hidden: int = 512,
+        connector: dict[str, Any],
+        num_layers: int,
         pool: str = "last",
         diffusion_grad: bool = True,
     ):
@@ -30,20 +40,30 @@ class TextConditioner(nn.Module):
         if pool not in ("last", "mean"):
             raise ValueError(f"model.conditioner.pool={pool!r}: use 'last' or 'mean'.")
         self.pool = pool
-        self.connector = nn.Sequential(
-            nn.LayerNorm(llm_dim), nn.Linear(llm_dim, hidden), nn.GELU(), nn.Linear(hidden, cross_dim)
-        )
+        self.connector = build_connector(connector, llm_dim, cross_dim, num_layers)
+        if not diffusion_grad and self.connector.query_tokens() is not None:
+            raise ValueError(
+                "model.conditioner.diffusion_grad=false with a connector of learned query tokens: the queries learn "
+                "through the LLM's pass, which diffusion_grad=false cuts. Set model.conditioner.diffusion_grad=true "
+                "(freeze the LLM itself with model.llm.freeze) or choose another connector."
+            )
         self.to_embed = nn.Linear(llm_dim, embed_dim, bias=False)
 
     def pooled(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pool == "mean":
             weights = mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
-        last = mask.sum(dim=1) - 1
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (mask.bool() * (positions + 1)).argmax(dim=1)  # the last position read, wherever the padding is
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, embed: bool = True) -> dict[str, torch.Tensor]:
-        out = {"cond": self.connector(hidden if self.diffusion_grad else hidden.detach()), "cond_mask": mask}
+    def forward(
+        self, layers: list[torch.Tensor], last: torch.Tensor, mask: torch.Tensor, embed: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """`layers`: the LLM's hidden states at the connector's `hidden_layers`; `last`: its last layer."""
+        read = layers if self.diffusion_grad else [s.detach() for s in layers]
+        cond, cond_mask = self.connector(read, mask)
+        out = {"cond": cond, "cond_mask": cond_mask}
         if embed:
-            out["text_embed"] = self.to_embed(self.pooled(hidden, mask))
+            out["text_embed"] = self.to_embed(self.pooled(last, mask))
         return out

@@ -47,6 +47,10 @@ class LanguageModel(nn.Module):
         return self.lm.get_input_embeddings().embedding_dim
 
     @property
+    def num_layers(self) -> int:
+        return int(self.lm.config.num_hidden_layers)
+
+    @property
     def device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device
 
@@ -65,11 +69,31 @@ class LanguageModel(nn.Module):
             mask[i, : len(row)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def text_hidden(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The text-only pass: `[bos] caption` → last hidden layer, with its mask."""
+    def text_hidden(
+        self, captions: list[str], layers: tuple[int, ...] = (-1,), queries: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The text-only pass: `[bos] caption`, then `queries` (K×d input embeddings, read right after each
+        caption's last word whatever the padding) → `hidden` (the last layer), `layers` (the hidden states at
+        those indices: 0 the embeddings, -1 the last layer) and `mask` (captions, then the K queries)."""
         ids, mask = self.tokenize(captions, bos=True, eos=False)
-        hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-        return {"hidden": hidden, "mask": mask}
+        every = layers != (-1,)
+        if queries is None:
+            out = self.lm.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=every)
+        else:
+            count = queries.shape[0]
+            embeds = self.lm.get_input_embeddings()(ids)
+            embeds = torch.cat([embeds, queries.to(embeds.dtype).expand(len(captions), -1, -1)], dim=1)
+            # positions count real tokens only, so a caption's queries sit where its words end, padded or not
+            positions = (mask.cumsum(1) - 1).clamp_min(0)
+            after = mask.sum(1, keepdim=True) + torch.arange(count, device=mask.device)
+            positions = torch.cat([positions, after], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, count)], dim=1)
+            out = self.lm.base_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, output_hidden_states=every
+            )
+        hidden = out.last_hidden_state
+        chosen = [out.hidden_states[i] for i in layers] if every else [hidden]
+        return {"hidden": hidden, "layers": chosen, "mask": mask}
 
     def _prefixed(self, prefix: torch.Tensor) -> torch.Tensor:
         embed = self.lm.get_input_embeddings()
