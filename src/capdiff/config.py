@@ -40,10 +40,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("capdiff.shapes_tag", _shapes_tag)
 
 
-def _shapes_tag(vague_fraction: float, wrong_fraction: float) -> str:
+def _shapes_tag(vague_fraction: float, wrong_fraction: float, holdout: bool = False) -> str:
     from capdiff.data.shapes import shapes_folder_tag  # the data package imports torch: only when composed
 
-    return shapes_folder_tag(vague_fraction, wrong_fraction)
+    return shapes_folder_tag(vague_fraction, wrong_fraction, holdout)
 
 
 def is_multirun() -> bool:

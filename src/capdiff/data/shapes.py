@@ -119,9 +119,20 @@ def wrong_attributes(attributes: dict, rng: random.Random) -> dict:
     return attributes | {"shape": rng.choice([s for s in SHAPES if s != attributes["shape"]])}
 
 
-def shapes_folder_tag(vague_fraction: float, wrong_fraction: float) -> str:
-    """`CaptionNoise.folder_tag` of the two fractions (the `capdiff.shapes_tag` config resolver)."""
-    return CaptionNoise(float(vague_fraction), float(wrong_fraction)).folder_tag
+def shapes_folder_tag(vague_fraction: float, wrong_fraction: float, holdout: bool = False) -> str:
+    """`CaptionNoise.folder_tag` of the two fractions, and `-holdout` when the training split leaves the
+    HELD_OUT pairs out (the `capdiff.shapes_tag` config resolver)."""
+    return CaptionNoise(float(vague_fraction), float(wrong_fraction)).folder_tag + ("-holdout" if holdout else "")
+
+
+# With `data.shapes.holdout`, the training split never shows these shape–position pairs (one in five of the
+# 15): every shape and every position is still trained, each with other partners, and the validation split has
+# them all, so generating exactly these prompts measures compositional generalisation.
+HELD_OUT = (("circle", "top right"), ("square", "bottom left"), ("triangle", "center"))
+
+
+def is_held_out(attributes: dict) -> bool:
+    return (attributes["shape"], attributes["position"]) in HELD_OUT
 
 
 def sample_attributes(rng: random.Random) -> dict:
@@ -159,11 +170,16 @@ def render(attributes: dict, image_size: int, rng: random.Random) -> Image.Image
     return image.resize((image_size, image_size), Image.Resampling.BOX)
 
 
-def make_sample(index: int, split: str, seed: int, image_size: int, noise: CaptionNoise = CLEAN) -> dict:
-    """The sample at `index` of a split: the same bytes for the same (index, split, seed, size, noise). The
-    image and the true attributes do not depend on `noise`; with it, the json also holds `caption_quality`."""
+def make_sample(
+    index: int, split: str, seed: int, image_size: int, noise: CaptionNoise = CLEAN, holdout: bool = False
+) -> dict:
+    """The sample at `index` of a split: the same bytes for the same (index, split, seed, size, noise, holdout).
+    The image and the true attributes do not depend on `noise`; with it, the json also holds `caption_quality`.
+    With `holdout`, attributes of a HELD_OUT pair are drawn again."""
     rng = random.Random(f"capdiff/shapes/{seed}/{split}/{index}")
     attributes = sample_attributes(rng)
+    while holdout and is_held_out(attributes):
+        attributes = sample_attributes(rng)
     captions = captions_for(attributes, rng)
     buffer = io.BytesIO()
     render(attributes, image_size, rng).save(buffer, format="PNG", optimize=False)
@@ -182,7 +198,13 @@ def make_sample(index: int, split: str, seed: int, image_size: int, noise: Capti
 
 
 def write_split(
-    paths: Sequence[Path], split: str, num_samples: int, seed: int, image_size: int, noise: CaptionNoise = CLEAN
+    paths: Sequence[Path],
+    split: str,
+    num_samples: int,
+    seed: int,
+    image_size: int,
+    noise: CaptionNoise = CLEAN,
+    holdout: bool = False,
 ) -> None:
     """Spread `num_samples` over the given shard files, each written to a temp name and renamed when whole."""
     if num_samples < len(paths):
@@ -193,7 +215,7 @@ def write_split(
         partial = partial_path(path)
         with wds.TarWriter(str(partial), encoder=False) as sink:
             for index in range(bounds[shard], bounds[shard + 1]):
-                sink.write(make_sample(index, split, seed, image_size, noise))
+                sink.write(make_sample(index, split, seed, image_size, noise, holdout))
         partial.replace(path)
 
 
@@ -205,6 +227,7 @@ def ensure_split(
     image_size: int,
     wait_s: float = 0.0,
     noise: CaptionNoise = CLEAN,
+    holdout: bool = False,
 ) -> bool:
     """Write the split's shards unless a manifest says the same ones exist; True when it wrote them.
 
@@ -225,6 +248,8 @@ def ensure_split(
     }
     if not noise.clean:  # clean shards keep the manifest they had before the noise existed, and are not rewritten
         wanted["caption_noise"] = {"vague_fraction": noise.vague_fraction, "wrong_fraction": noise.wrong_fraction}
+    if holdout:
+        wanted["held_out"] = [list(pair) for pair in HELD_OUT]
 
     def ready() -> bool:
         return _manifest_matches(manifest, wanted) and all(p.is_file() for p in paths)
@@ -235,7 +260,7 @@ def ensure_split(
     if ready():
         return False
     log.info("writing %d shapes %s samples to %d shards in %s", num_samples, split, len(paths), paths[0].parent)
-    write_split(paths, split, num_samples, seed, image_size, noise)
+    write_split(paths, split, num_samples, seed, image_size, noise, holdout)
     manifest.write_text(json.dumps(wanted, indent=1))
     return True
 
@@ -269,10 +294,11 @@ class ShapesDataModule(ImageTextDataModule):
         self.caption_noise = CaptionNoise(
             float(shapes.pop("vague_fraction", 0.0)), float(shapes.pop("wrong_fraction", 0.0))
         )
+        self.holdout = bool(shapes.pop("holdout", False))
         if shapes:
             raise ValueError(
                 f"data.shapes has unknown keys {sorted(shapes)}; known: num_train, num_val, seed, vague_fraction, "
-                "wrong_fraction."
+                "wrong_fraction, holdout."
             )
 
     def prepare_data(self) -> None:
@@ -282,7 +308,7 @@ class ShapesDataModule(ImageTextDataModule):
         if self.shapes_train_urls:
             ensure_split(
                 self.shapes_train_urls, "train", self.num_train, self.shapes_seed, self.image_size, wait_s,
-                self.caption_noise,
+                self.caption_noise, self.holdout,
             )  # fmt: skip
         if self.val_urls:
             ensure_split(self.val_urls, "val", self.num_val, self.shapes_seed, self.image_size, wait_s)
