@@ -5,6 +5,7 @@ true attributes as five learned tokens (the oracle, the ceiling), trained the sa
     python bench/conditioning.py --arms mlp refiner --minutes 12
     python bench/conditioning.py --regime smollm2                 # a pretrained SmolLM2-135M (frozen, LoRA q/v)
     python bench/conditioning.py --out docs                       # the plot into docs/images/conditioning/
+    python bench/conditioning.py --states CKPT                    # what a checkpoint's text states carry
 
 Every arm is `python train.py` with `data.shapes.holdout=true`: training never shows three of the fifteen
 shape–position pairs (`capdiff.data.shapes.HELD_OUT`). After `--minutes` of training (`trainer.max_time`),
@@ -100,7 +101,7 @@ def evaluation_set(args: argparse.Namespace):
     from capdiff.train import build_datamodule
 
     quick = ["data.samples_per_epoch=64", "data.shapes.num_train=256", "data.shapes.num_val=64"] if args.quick else []
-    cfg = compose_run(args, ["model.vae.first_stage.max_steps=10", *quick])
+    cfg = compose_run(args, quick)
     datamodule = build_datamodule(cfg)
     probe, _ = load_probe(datamodule.train_urls, datamodule.val_urls, probe_folder(cfg.paths.data_dir, datamodule))
     _, images, attributes = read_split(datamodule.val_urls)
@@ -160,7 +161,8 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
 
     torch.manual_seed(0)
     quick = ["data.samples_per_epoch=64", "data.shapes.num_train=256", "data.shapes.num_val=64"] if args.quick else []
-    cfg = compose_run(args, ["data.shapes.holdout=true", "model.vae.first_stage.max_steps=10", *quick])
+    quick += ["model.vae.first_stage.max_steps=10"] if args.quick else []
+    cfg = compose_run(args, ["data.shapes.holdout=true", *quick])
     datamodule = build_datamodule(cfg)
     diffusion = build_model(cfg, datamodule).model.diffusion.train()
     condition = AttributeTokens(diffusion.unet.config.cross_attention_dim)
@@ -194,6 +196,56 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
             latents = ddim_sample(diffusion, condition(truth), None, null, None, steps=25, seeds=index)
             result[split] = accuracy(probe.predict(unit_to_uint8(diffusion.decode(latents))), truth)
     (folder / "scores.json").write_text(json.dumps(result, indent=1))
+
+
+def probe_states(checkpoint: Path, count: int = 2400) -> None:
+    """How much of each attribute the text side of a checkpoint carries: a linear probe (trained on 3/4 of
+    `count` captions from the shapes grammar, scored on the rest) on the masked mean of every LLM layer's text
+    states and of the connector's output tokens."""
+    import random
+
+    import torch
+
+    from capdiff.checkpoints.portable import load_checkpoint
+    from capdiff.data.shapes import TEMPLATES, sample_attributes
+
+    torch.manual_seed(0)
+    model, _ = load_checkpoint(checkpoint)
+    rng = random.Random(0)
+    attributes = [sample_attributes(rng) for _ in range(count)]
+    captions = [rng.choice(TEMPLATES).format(**a) for a in attributes]
+    layers = tuple(range(model.llm.num_layers + 1))
+    pooled: dict[str, list] = {**{f"LLM layer {i}": [] for i in layers}, "connector output": []}
+
+    def mean(x, mask):
+        w = mask.unsqueeze(-1).to(x.dtype)
+        return (x * w).sum(1) / w.sum(1)
+
+    with torch.no_grad():
+        for start in range(0, count, 200):
+            chunk = captions[start : start + 200]
+            text = model.llm.text_hidden(chunk, layers=layers)
+            for i, states in zip(layers, text["layers"], strict=True):
+                pooled[f"LLM layer {i}"].append(mean(states, text["mask"]))
+            cond = model.encode_text(chunk)
+            pooled["connector output"].append(mean(cond["cond"], cond["cond_mask"]))
+    split = count * 3 // 4
+    print(f"| states ({checkpoint}) | " + " | ".join(ATTRS) + " |\n|---|" + "---|" * len(ATTRS))
+    for name, features in pooled.items():
+        x = torch.cat(features)
+        x = (x - x[:split].mean(0)) / (x[:split].std(0) + 1e-6)
+        cells = []
+        for attribute in ATTRS:
+            values = sorted({a[attribute] for a in attributes})
+            y = torch.tensor([values.index(a[attribute]) for a in attributes])
+            linear = torch.nn.Linear(x.shape[1], len(values))
+            optimizer = torch.optim.Adam(linear.parameters(), lr=1e-2, weight_decay=1e-4)
+            for _ in range(300):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(linear(x[:split]), y[:split]).backward()
+                optimizer.step()
+            cells.append(f"{(linear(x[split:]).argmax(1) == y[split:]).float().mean().item():.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def table(results: dict[str, dict], args: argparse.Namespace) -> str:
@@ -243,11 +295,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="write the plot to <out>/images/conditioning/")
     p.add_argument("--data-dir", type=Path, default=None, help="where shapes data and derived models are cached")
     p.add_argument("--quick", action="store_true", help="a few steps per arm: checks the benchmark runs")
+    p.add_argument("--keep", action="store_true", help="arms already scored in --work are not trained again")
+    p.add_argument("--states", type=Path, default=None, help="a checkpoint: probe its text states per attribute")
     p.add_argument("--oracle-run", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--score", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.quick:
         args.seen, args.work = 8, (args.data_dir or args.work) / "bench-conditioning-quick"
+    if args.states:
+        return probe_states(args.states)
     if args.oracle_run:
         return oracle_run(args.oracle_run, args)
     if args.score:
@@ -265,7 +321,8 @@ def main() -> None:
             "trainer.max_steps=1", "trainer.max_time=null", f"hydra.run.dir={args.work / 'warmup'}"]  # fmt: skip
     subprocess.run(warm, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=os.environ | hub_env(args))
     threads = max(1, 2 // args.parallel)
-    pending = list(args.arms)
+    scored = {a for a in args.arms if (args.work / args.regime / a / "scores.json").is_file()}
+    pending = [a for a in args.arms if not (args.keep and a in scored)]
     while pending:
         group, pending = pending[: args.parallel], pending[args.parallel :]
         for proc in [run_arm(arm, args, threads) for arm in group]:

@@ -181,3 +181,23 @@ def test_noisy_training_shards_get_a_folder_of_their_own_and_bad_fractions_are_r
         CaptionNoise(vague_fraction=0.6, wrong_fraction=0.6)
     with pytest.raises(ValueError, match="vague_fraction, wrong_fraction"):
         ShapesDataModule("a.tar", "b.tar", shapes={"vague": 0.1})
+
+
+def test_held_out_pairs_never_reach_the_training_split_and_stay_in_validation(tmp_path: Path) -> None:
+    """`data.shapes.holdout`: prompts of the held-out shape–position pairs are new combinations to the model."""
+    from capdiff.data.shapes import HELD_OUT, is_held_out
+
+    root = tmp_path / "holdout"
+    shapes(root, spec={"num_train": 300, "num_val": 150, "holdout": True}).prepare_data()
+
+    def attributes(split: str) -> list[dict]:
+        urls = sorted(str(p) for p in root.glob(f"{split}-*.tar"))
+        return [json.loads(s["json"]) for s in wds.WebDataset(urls, shardshuffle=False)]
+
+    train, val = attributes("train"), attributes("val")
+    assert len(train) == 300 and not any(is_held_out(a) for a in train)
+    # every shape and every position is still trained, each with other partners
+    assert {a["shape"] for a in train} == set(SHAPES) and {a["position"] for a in train} == set(POSITIONS)
+    assert {(a["shape"], a["position"]) for a in val if is_held_out(a)} == set(HELD_OUT)
+    assert json.loads((root / "train.manifest.json").read_text())["held_out"] == [list(p) for p in HELD_OUT]
+    assert shapes_folder_tag(0.0, 0.0, True) == "-holdout" and shapes_folder_tag(0.5, 0.0, True).endswith("-holdout")
