@@ -267,7 +267,7 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
     width = 0.8 / max(1, len(results))
     for k, (arm, r) in enumerate(results.items()):
         xs = [i + k * width for i in range(len(ATTRS) + 2)]
@@ -275,9 +275,10 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
         ax.bar(xs, values, width, label=arm)
     ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(ATTRS) + 2)])
     ax.set_xticklabels([*ATTRS, "mean", "held-out\nmean"])
-    ax.set(ylabel="probe accuracy of generations", ylim=(0, 1), title=title)
+    ax.set(ylabel="probe accuracy of generations", ylim=(0, 1))
+    ax.set_title(title, pad=28)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    ax.legend(fontsize=8, ncol=len(results), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
