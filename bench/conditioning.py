@@ -150,10 +150,9 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
     """The UNet alone on the held-out training split, conditioned on the true attributes (bench/unet_ceiling.py's
     tokens), for `--minutes` of training; writes its scores to `scores.json`."""
     import torch
-    from unet_ceiling import AttributeTokens
+    from unet_ceiling import AttributeTokens, oracle_step
 
-    from capdiff.data.transforms import as_unit, unit_to_uint8
-    from capdiff.evaluation.shapes import parse_caption
+    from capdiff.data.transforms import unit_to_uint8
     from capdiff.joint.spec import Optim, parse
     from capdiff.sampling import ddim_sample
     from capdiff.train import build_datamodule, build_model
@@ -174,16 +173,8 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
     while (step if args.quick else time.monotonic() - started) < budget:
         for batch in datamodule.train_dataloader():
             step += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, step / cfg.model.optim.warmup_steps)
-            with torch.no_grad():
-                latents = diffusion.encode(as_unit(batch["pixels"]))
-            truth = [parse_caption(c) for c in batch["captions"]]
-            loss = diffusion.loss(latents, condition(truth, drop=cfg.model.caption_dropout))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            warm = lr * min(1.0, step / cfg.model.optim.warmup_steps)
+            oracle_step(diffusion, condition, optimizer, params, batch, warm, cfg.model.caption_dropout)
             if (step if args.quick else time.monotonic() - started) >= budget:
                 break
     diffusion.eval()
@@ -195,6 +186,7 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
             null = condition([None] * len(truth))
             latents = ddim_sample(diffusion, condition(truth), None, null, None, steps=25, seeds=index)
             result[split] = accuracy(probe.predict(unit_to_uint8(diffusion.decode(latents))), truth)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").write_text(json.dumps(result, indent=1))
 
 

@@ -57,6 +57,21 @@ class AttributeTokens(nn.Module):
         return torch.stack(tokens, 1)
 
 
+def oracle_step(diffusion, condition, optimizer, params, batch: dict, lr: float, dropout: float) -> list[dict]:
+    """One optimizer step of the UNet and the attribute tokens on a training batch; returns its attributes."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.no_grad():
+        latents = diffusion.encode(as_unit(batch["pixels"]))
+    attributes = [parse_caption(c) for c in batch["captions"]]
+    loss = diffusion.loss(latents, condition(attributes, drop=dropout))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return attributes
+
+
 def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list[str]]:
     torch.manual_seed(0)
     cfg = compose([*quick_overrides(args), f"data.batch_size={batch_size}"], args.data_dir)
@@ -86,16 +101,8 @@ def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list
             continue
         start = time.perf_counter()
         step += 1
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, step / warmup)
-        with torch.no_grad():
-            latents = diffusion.encode(as_unit(batch["pixels"]))
-        attributes = [parse_caption(c) for c in batch["captions"]]
-        loss = diffusion.loss(latents, condition(attributes, drop=cfg.model.caption_dropout))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        attributes = oracle_step(diffusion, condition, optimizer, params, batch, lr * min(1.0, step / warmup),
+                                 cfg.model.caption_dropout)  # fmt: skip
         train_seconds += time.perf_counter() - start
         before, seen = seen, seen + len(attributes)
         if seen // args.every > before // args.every or seen >= args.samples:
