@@ -24,6 +24,8 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from capdiff.models.connectors import MLP_TARGET
+
 log = logging.getLogger(__name__)
 
 PARTS_KEY = "capdiff_parts"
@@ -83,9 +85,7 @@ def model_config(hparams: dict) -> dict:
     conditioner = dict(config.get("conditioner") or {})
     if "hidden" in conditioner and "connector" not in conditioner:
         hidden = conditioner.pop("hidden")
-        config["conditioner"] = conditioner | {
-            "connector": {"_target_": "capdiff.models.connectors.MLP", "hidden": hidden}
-        }
+        config["conditioner"] = conditioner | {"connector": {"_target_": MLP_TARGET, "hidden": hidden}}
     return config
 
 

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from capdiff.models.connectors import MLP_TARGET
+
 T = TypeVar("T")
 
 
@@ -69,7 +71,7 @@ class Vision:
 
 
 def _mlp_connector() -> dict[str, Any]:
-    return {"_target_": "capdiff.models.connectors.MLP"}
+    return {"_target_": MLP_TARGET}
 
 
 @dataclass

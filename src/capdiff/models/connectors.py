@@ -32,6 +32,7 @@ from torch import nn
 
 CONFIG_KEY = "model.conditioner.connector"
 BUILT_IN = ("MLP", "Refiner", "LayerMix", "Queries")
+MLP_TARGET = f"{__name__}.MLP"  # what a config without a connector was trained with
 
 
 class Connector(nn.Module):
