@@ -1,6 +1,6 @@
 """Stable Diffusion 1.5-shaped parts from configs, with random weights (nothing is downloaded).
 
-The shapes are those of `conf/model/sd15_gpt2.yaml`: its UNet config as written there, the
+The shapes are those of the sd15_gpt2 preset (`conf/parts/sd15_gpt2.yaml`): its UNet config as written there, the
 `stabilityai/sd-vae-ft-mse` VAE's published config, the CLIP ViT-B/16 vision tower and GPT-2 small.
 """
 
@@ -33,7 +33,7 @@ GPT2_SMALL = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, 
 
 
 def sd_unet_config(latent_size: int) -> dict:
-    config = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/sd15_gpt2.yaml").unet.config)
+    config = OmegaConf.to_container(OmegaConf.load(REPO / "conf/parts/sd15_gpt2.yaml").unet.config)
     return config | {"sample_size": latent_size}
 
 
