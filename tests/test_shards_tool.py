@@ -10,8 +10,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from capdiff.data import ImageTextDataModule
+from capdiff.data.decode import CaptionKey, decode_captions
 from capdiff.data.shards import main as shards_main
 from capdiff.data.urls import expand_urls
 from tests.helpers import image_bytes
@@ -83,16 +85,30 @@ def test_write_from_a_csv_table_and_inspect_counts_bad_samples(tmp_path: Path, c
     assert shard["samples"] == 4
     assert shard["members"] == {"png": 4, "txt": 4, "json": 4}
     assert shard["captions"] == ["a picture, number 0", "a picture, number 1", "a picture, number 2"]
-    # with a caption key the shards do not have, inspect reports what training would skip
+    # the row's fields are in the json member, its caption too: json.caption reads the same captions
     shards_main(["inspect", str(out / "shard-000000.tar"), "--caption-key", "json.caption", "--json"])
+    (shard,) = json.loads(capsys.readouterr().out)
+    assert shard["captions"] == ["a picture, number 0", "a picture, number 1", "a picture, number 2"]
+    assert shard["bad"] == {}
+    # with a caption key the shards do not have, inspect reports what training would skip
+    shards_main(["inspect", str(out / "shard-000000.tar"), "--caption-key", "json.alt_text", "--json"])
     assert json.loads(capsys.readouterr().out)[0]["bad"] == {"missing_caption": 4}
 
 
-def test_write_from_jsonl(tmp_path: Path, capsys) -> None:
+def test_write_from_jsonl_keeps_the_caption_as_json_caption_and_txt(tmp_path: Path, capsys) -> None:
+    """README recipe 2 reads a JSONL-written source with `caption_key: json.caption`; a list of captions (COCO's
+    five) stays a list there, and `txt` holds the first."""
     (tmp_path / "a.jpg").write_bytes(image_bytes(fmt="JPEG"))
-    (tmp_path / "t.jsonl").write_text(json.dumps({"path": "a.jpg", "caption": "one", "score": 0.3}) + "\n")
+    (tmp_path / "b.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    rows = [{"path": "a.jpg", "caption": "one", "score": 0.3}, {"path": "b.jpg", "caption": ["two", "deux"]}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     shards_main(["write", str(tmp_path / "t.jsonl"), str(tmp_path / "o"), "--json"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 2
+    samples = {s["__key__"]: s for s in wds.WebDataset(str(tmp_path / "o" / "shard-000000.tar"), shardshuffle=False)}
+    assert json.loads(samples["a"]["json"]) == {"caption": "one", "score": 0.3}
+    assert json.loads(samples["b"]["json"]) == {"caption": ["two", "deux"]}
+    assert (samples["a"]["txt"], samples["b"]["txt"]) == (b"one", b"two")
+    assert decode_captions(samples["b"], CaptionKey.parse("json.caption")) == ["two", "deux"]
 
 
 def test_the_command_line_entry_point_runs(image_folder: Path, tmp_path: Path) -> None:

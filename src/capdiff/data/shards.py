@@ -1,7 +1,9 @@
 """Shard tools: `python -m capdiff.data.shards write|inspect`.
 
 `write` packs an image folder with sidecar captions (the img2dataset layout: `a/0001.jpg` + `a/0001.txt`
-and/or `a/0001.json`) or a CSV/JSONL table of `path,caption` rows into plain WebDataset tar shards.
+and/or `a/0001.json`) or a CSV/JSONL table of `path,caption` rows into plain WebDataset tar shards. A table row's
+fields but `path` go to the json member (so its caption is `json.caption`; a JSONL list of captions stays a
+list there), and its caption, or the first of a list, to `txt`.
 Every image is decoded once to validate it; bad files are reported and left out, never fatal. With
 `--val-fraction` a share of the samples goes to `val-` shards beside the training ones, chosen by a hash of
 each sample's key alone: a sample's split does not depend on the run or on the other files.
@@ -51,7 +53,7 @@ class Source:
     key: str
     # The key before the `_n` a duplicate gets: what the train/val split hashes, so duplicates share a split.
     stem: str
-    caption: str | None = None
+    caption: str | list[str] | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -108,10 +110,17 @@ def pack(source: Source, max_pixels: int) -> dict:
             caption = sidecar_txt.read_bytes().decode("utf-8")
         except UnicodeDecodeError as err:
             raise BadSample("bad_caption", f"{sidecar_txt} is not UTF-8") from err
+    meta = dict(source.extra)
+    if source.caption is not None:
+        # A table's caption is kept whole in the json member (`json.caption`, the img2dataset layout, where a
+        # list such as COCO's five captions stays a list) and its first one in `txt` (the default caption key).
+        meta["caption"] = source.caption
+        caption = source.caption[0] if isinstance(source.caption, list) and source.caption else source.caption
     if caption is not None:
+        if not isinstance(caption, str):
+            raise BadSample("bad_caption", f"the caption of {source.image.name} is {type(caption).__name__}, not text")
         sample["txt"] = caption.encode()
         decode_captions(sample, CaptionKey("txt"))
-    meta = dict(source.extra)
     if sidecar_json.is_file():
         try:
             meta = json.loads(sidecar_json.read_text()) | meta
