@@ -170,11 +170,18 @@ def test_no_training_shards_serve_validation_only(shard_dir: Path) -> None:
         dm.train_dataloader()
 
 
-def test_fewer_shards_than_ranks_times_workers(shard_dir: Path) -> None:
-    shards = [str(write_tar(shard_dir / f"{n}.tar", good_members("k", 2))) for n in range(3)]
-    dm = datamodule(shards, None, num_workers=2)
-    with pytest.raises(ValueError, match=r"3 shards but 2 ranks × 2 workers need at least 4.*data.num_workers"):
-        dm.setup_streams(0, 2)
+def test_one_shard_feeds_two_ranks_of_two_workers(shard_dir: Path) -> None:
+    """Every (rank, worker) draws from the whole shard list, so fewer shards than ranks × workers is no error:
+    each rank gets its full batches, in an order of its own."""
+    shard = str(write_tar(shard_dir / "only.tar", good_members("k", 5)))
+    keys = []
+    for rank in range(2):
+        dm = datamodule([shard], None, num_workers=2, persistent_workers=False, batch_size=2, samples_per_epoch=16)
+        dm.setup_streams(rank, 2)
+        batches = list(dm.train_dataloader())
+        assert [len(b["keys"]) for b in batches] == [2] * 4
+        keys.append([k for b in batches for k in b["keys"]])
+    assert keys[0] != keys[1]
 
 
 def test_unknown_caption_key_lists_the_members_present(shard_dir: Path) -> None:
@@ -217,3 +224,19 @@ def test_a_stream_with_no_usable_sample_stops_with_a_clear_error(shard_dir: Path
     dm.setup()
     with pytest.raises(RuntimeError, match=r"no usable sample.*undecodable_image"):
         next(iter(dm.train_dataloader()))
+
+
+def test_a_brace_range_that_leaves_shards_out_is_warned_about(shard_dir: Path, caplog) -> None:
+    """`{000000..000001}` of five `train-` shards trains on two fifths of the data: start-up says so."""
+    shards = [str(write_tar(shard_dir / f"train-{n:06d}.tar", good_members("k", 2))) for n in range(5)]
+    write_tar(shard_dir / "val-000000.tar", good_members("v", 2))  # another set: not counted
+    dm = datamodule(str(shard_dir / "train-{000000..000001}.tar"), None)
+    with caplog.at_level(logging.WARNING, logger="capdiff.data.datamodule"):
+        dm.setup_streams(0, 1)
+    assert "data.train_urls lists 2 shards but 3 more like them are beside them" in caplog.text
+    assert str(shard_dir / "train-*.tar") in caplog.text
+    caplog.clear()
+    dm = datamodule(shards, None)
+    with caplog.at_level(logging.WARNING, logger="capdiff.data.datamodule"):
+        dm.setup_streams(0, 1)
+    assert "beside them" not in caplog.text

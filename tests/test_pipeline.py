@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def test_batches_have_the_documented_shape_range_and_types(shard_dir: Path) -> N
     dm = datamodule(str(shard), str(shard), image_size=16, batch_size=4)
     dm.setup()
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"pixels", "captions", "keys", "skipped"}  # skipped: counted as it reaches the model
+    # skipped and position: counted and noted (for a resume) as it reaches the model
+    assert set(batch) == {"pixels", "captions", "keys", "skipped", "position"}
     assert batch["pixels"].shape == (4, 3, 16, 16)
     assert batch["pixels"].dtype == torch.uint8  # a quarter of the bytes between processes and to the GPU
     seen = dm.on_after_batch_transfer(batch, 0)  # what the model sees
@@ -129,6 +131,11 @@ def test_json_caption_field_with_several_captions(shard_dir: Path) -> None:
     assert {c for b in dm.val_dataloader() for c in b["captions"]} == {"first caption"}  # validation: the first
 
 
+def shard_keys(url: str) -> set[str]:
+    with tarfile.open(url) as tar:
+        return {m.name.split(".", 1)[0] for m in tar}
+
+
 def loader_for_rank(shards: list[str], rank: int, world_size: int, workers: int, **kwargs):
     dm = datamodule(shards, None, num_workers=workers, persistent_workers=False, **kwargs)
     dm.setup_streams(rank, world_size)
@@ -145,7 +152,11 @@ def test_two_ranks_two_workers_get_equal_full_batches_from_uneven_shards(uneven_
         assert counts[rank] == [len(loader)] * 2
         keys[rank] = {k for e in epochs for b in e for k in b["keys"]}
     assert counts[0] == counts[1] == [10, 10]  # ceil(50 / (3 × 2)) = 9 → rounded up to 2 workers × 5
-    assert not keys[0] & keys[1]  # each (rank, worker) reads its own share of the shards
+    # every (rank, worker) draws from the whole shard list: each rank reads from both halves of it
+    shard_of = {k: n for n, url in enumerate(uneven_shards) for k in shard_keys(url)}
+    for rank in range(2):
+        drawn = {shard_of[k] for k in keys[rank]}
+        assert min(drawn) < len(uneven_shards) // 2 <= max(drawn)
 
 
 def test_training_order_is_set_by_seed_rank_and_epoch(uneven_shards: list[str]) -> None:
@@ -215,3 +226,38 @@ def test_the_epoch_reaches_persistent_workers(uneven_shards: list[str]) -> None:
     fresh.setup()
     resumed = EpochLoader(fresh.train_stream, epoch_fn=lambda: 1, num_workers=2)
     assert [k for b in resumed for k in b["keys"]] == second
+
+
+def test_a_mid_epoch_resume_skips_the_trained_samples_without_decoding_them(shard_dir: Path, monkeypatch) -> None:
+    """The resumed epoch's batches are those the uninterrupted one went on with (bad samples included in the
+    skipped part), and the samples its trained batches drew are not decoded again; a checkpoint without the
+    positions (written before they were saved) replays by decoding, to the same batches."""
+    import capdiff.data.streams as streams
+
+    members = []
+    for i in range(12):  # every third sample has no caption
+        members += [(f"k{i:03d}.png", image_bytes())] + ([] if i % 3 == 2 else [(f"k{i:03d}.txt", b"a caption")])
+    shards = [str(write_tar(shard_dir / f"s{n}.tar", [(f"{n}{k}", v) for k, v in members])) for n in range(3)]
+
+    def data() -> ImageTextDataModule:
+        return datamodule(shards, None, batch_size=4, samples_per_epoch=40, shuffle_buffer=5, random_crop=True)
+
+    whole = data()
+    whole.setup_streams(0, 1)
+    batches = list(whole.train_dataloader())
+    assert len(batches) == 10
+    state = {"train_stream": {"epoch": 0, "trained_batches": 4, "positions": [[batches[3]["position"][2]]]}}
+
+    decodes = []
+    real = streams._load_rgb
+    monkeypatch.setattr(streams, "_load_rgb", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    for positions, decoded in ((state["train_stream"]["positions"], 6 * 4), (None, 10 * 4)):
+        resumed = data()
+        resumed.setup_streams(0, 1)
+        resumed.load_state_dict({"train_stream": state["train_stream"] | {"positions": positions}})
+        decodes.clear()
+        rest = list(resumed.train_dataloader())
+        assert [b["keys"] for b in rest] == [b["keys"] for b in batches[4:]]
+        assert all(torch.equal(a["pixels"], b["pixels"]) for a, b in zip(rest, batches[4:], strict=True))
+        assert [b["captions"] for b in rest] == [b["captions"] for b in batches[4:]]
+        assert len(decodes) == decoded  # caption-less samples fail before their image is decoded

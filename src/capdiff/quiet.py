@@ -21,7 +21,7 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning]]] = [
     (
         r"Your `IterableDataset` has `__len__` defined\. In combination with multi-process data loading",
         UserWarning,
-        # capdiff's training stream deals its shards to the (rank, worker) slots and cuts a fixed number of
+        # capdiff's training stream resamples shards in every (rank, worker) and cuts a fixed number of
         # batches per worker (capdiff.data.streams), so `__len__` is right with any num_workers.
     ),
     (

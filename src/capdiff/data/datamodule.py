@@ -20,7 +20,14 @@ from capdiff.data.mixture import CaptionMix, parse_sources
 from capdiff.data.skips import SKIP_REASONS, SkipCounter, table
 from capdiff.data.streams import DecodeSpec, SharedInt, TrainStream, ValStream
 from capdiff.data.transforms import as_unit
-from capdiff.data.urls import check_caption_key, check_local_shards, count_samples, expand_urls, local_path
+from capdiff.data.urls import (
+    check_caption_key,
+    check_local_shards,
+    count_samples,
+    expand_urls,
+    local_path,
+    unlisted_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +118,8 @@ class ImageTextDataModule(pl.LightningDataModule):
         self.train_skips: Counter = Counter()  # (source index, reason) → samples, of the batches trained
         self.epoch = SharedInt()
         self.resume_at = SharedInt()
+        self.positions: dict[int, int] = {}  # worker → raw samples its trained batches drew, this epoch
+        self._positions_epoch = -1
         self._resume: dict[str, int] | None = None  # the train stream's position, from a checkpoint
         self._shards_checked = False
         self.train_stream: TrainStream | None = None
@@ -140,15 +149,6 @@ class ImageTextDataModule(pl.LightningDataModule):
             self.train_stream = None
             return
         workers = max(1, self.num_workers)
-        slots = world_size * workers
-        for source in self.sources:
-            if len(source.urls) < slots:
-                raise ValueError(
-                    f"{source.urls_key} has {len(source.urls)} shards but {world_size} ranks × {workers} workers "
-                    f"need at least {slots} (each reads its own share). Lower data.num_workers to "
-                    f"{max(1, len(source.urls) // world_size)} or split the data into more shards "
-                    "(`python -m capdiff.data.shards write --shard-size ...`)."
-                )
         per_rank = math.ceil(self._samples_per_epoch() / (self.batch_size * world_size))
         self.train_stream = TrainStream(
             self.sources,
@@ -185,6 +185,12 @@ class ImageTextDataModule(pl.LightningDataModule):
             return
         for source in self.sources:
             check_local_shards(source.urls, source.urls_key)
+            for pattern, missing in unlisted_shards(source.urls).items():
+                log.warning(
+                    "%s lists %d shards but %d more like them are beside them (%s): this run does not read them. "
+                    "Widen the brace range to every shard `shards write` printed.",
+                    source.urls_key, len(source.urls), missing, pattern,
+                )  # fmt: skip
         if self.val_urls:
             check_local_shards(self.val_urls, "data.val_urls")
         for source in self.sources:
@@ -250,7 +256,13 @@ class ImageTextDataModule(pl.LightningDataModule):
         """uint8 pixels → float `[-1, 1]` on the model's device; a training batch's skips are counted here, as
         it reaches the model."""
         self.train_skips.update(batch.get("skipped", {}))
-        return {k: v for k, v in batch.items() if k != "skipped"} | {"pixels": as_unit(batch["pixels"])}
+        if "position" in batch:
+            epoch, worker, position = batch["position"]
+            if epoch != self._positions_epoch:
+                self.positions, self._positions_epoch = {}, epoch
+            self.positions[worker] = position
+        dropped = ("skipped", "position")
+        return {k: v for k, v in batch.items() if k not in dropped} | {"pixels": as_unit(batch["pixels"])}
 
     def _trainer_epoch(self) -> int | None:
         """The epoch the trainer is about to train. Not `trainer.current_epoch`: on a resume from an epoch-end
@@ -262,18 +274,47 @@ class ImageTextDataModule(pl.LightningDataModule):
     # counters say the run is restarting, and after a resume from an epoch's last batch they say it is not:
     # the next mid-epoch checkpoint then resumed by replaying its whole epoch.) The skip counts are those of
     # the batches trained, so a resumed run's totals go on from where the checkpoint's stopped.
+    #
+    # Every rank builds the checkpoint (Lightning's save_checkpoint runs on all of them) and rank 0's is the one
+    # written, so what ranks differ in is gathered first: the skip counts are saved summed over ranks (and rank 0
+    # alone takes them back on load, so the ranks' sum goes on from the saved total), and each rank's stream
+    # position is saved under its rank.
     def state_dict(self) -> dict:
         if self.trainer is None or self.train_stream is None:
             return {}
         trained = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        strategy = self.trainer.strategy
+        workers = max(1, self.num_workers)
+        # 0 for a worker none of whose batches was trained yet (or none at all this epoch): it replays by decoding
+        current = self.positions if self._positions_epoch == self.epoch.get() else {}
+        mine = [current.get(w, 0) for w in range(workers)]
+        names, local = self.skip_table("train")
+        if self.trainer.world_size > 1:
+            device = strategy.root_device
+            totals = strategy.reduce(local.to(device), reduce_op="sum").cpu()
+            positions = strategy.all_gather(torch.tensor(mine, device=device)).reshape(-1, workers).cpu().tolist()
+        else:
+            totals, positions = local, [mine]
+        skipped = {name: {r: int(n) for r, n in zip(SKIP_REASONS, row.tolist(), strict=True) if n}
+                   for name, row in zip(names, totals, strict=True)}  # fmt: skip
         return {
-            "train_stream": {"epoch": self.epoch.get(), "trained_batches": trained},
-            "skipped": {name: dict(counts) for name, counts in self.skipped_by_source.items()},
+            "train_stream": {"epoch": self.epoch.get(), "trained_batches": trained, "positions": positions},
+            "skipped": skipped,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._resume = state_dict.get("train_stream")
+        resume = state_dict.get("train_stream")
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if resume is not None:
+            saved = resume.get("positions")  # one list per rank; absent in older checkpoints
+            mine = saved[rank] if saved is not None and rank < len(saved) else None
+            resume = resume | {"positions": mine}
+            if resume["positions"] is not None:
+                self.positions, self._positions_epoch = dict(enumerate(resume["positions"])), resume["epoch"]
+        self._resume = resume
         self.train_skips = Counter()
+        if rank != 0:  # the saved counts are every rank's total
+            return
         for index, source in enumerate(self.sources):
             for reason, n in state_dict.get("skipped", {}).get(source.name, {}).items():
                 self.train_skips[index, reason] = n

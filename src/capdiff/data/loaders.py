@@ -17,8 +17,9 @@ class EpochLoader(DataLoader):
     """A DataLoader that tells its stream which epoch starts each time it is iterated, and resumes mid-epoch.
 
     `epoch_fn` gives the trainer's epoch (so a resumed run replays the same order); without it the
-    loader counts its own iterations. `resume` (`{"epoch", "trained_batches"}`, from a checkpoint) makes the
-    first iteration of that epoch yield only the batches the interrupted run had left.
+    loader counts its own iterations. `resume` (`{"epoch", "trained_batches", "positions"}`, from a checkpoint)
+    makes the first iteration of that epoch yield only the batches the interrupted run had left, each worker
+    skipping the raw samples its trained batches drew (`positions`, one per worker) without decoding them.
     """
 
     def __init__(
@@ -37,7 +38,7 @@ class EpochLoader(DataLoader):
         epoch = self._epoch_fn() if self._epoch_fn is not None else None
         epoch = self._iterations if epoch is None else epoch
         self._iterations += 1
-        resume_at = 0
+        resume_at, positions = 0, None
         if self._resume is not None and self._resume["epoch"] == epoch:
             trained = self._resume["trained_batches"]
             if trained >= len(self.dataset):
@@ -45,12 +46,15 @@ class EpochLoader(DataLoader):
                 # next epoch on this iterator
                 epoch += 1
             elif trained > 0:
-                resume_at = trained
-                log.info("Resuming epoch %d after its %d trained batches (they are read again, not trained).",
-                         epoch, trained)  # fmt: skip
+                resume_at, positions = trained, self._resume.get("positions")
+                how = "skipped undecoded" if positions else "read again, not trained"
+                log.info("Resuming epoch %d after its %d trained batches (%s).", epoch, trained, how)
         self._resume = None
         self.dataset.epoch.set(epoch)
         self.dataset.resume_at.set(resume_at)
+        saved = positions if positions and len(positions) == self.dataset.num_workers else None
+        for worker in range(self.dataset.num_workers):
+            self.dataset.resume_positions[worker] = saved[worker] if saved else -1
         return super().__iter__()
 
 

@@ -2,8 +2,8 @@
 
 webdataset supplies the tar reading (`tarfile_samples`, which opens local paths, `pipe:` and URL schemes)
 and the shuffle buffer. The orchestration around them is ours because four things the stock pipeline does
-not do together are needed here: each source's shards resampled from a per-(rank, worker) subset with an RNG
-seeded by (seed, rank, worker, epoch), so a resumed run replays its order; sources mixed by weight with that
+not do together are needed here: each source's shards resampled from its whole list by every (rank, worker)
+with an RNG seeded by (seed, rank, worker, epoch), so a resumed run replays its order; sources mixed by weight with that
 RNG (`capdiff.data.mixture`); skipped samples counted once each (`capdiff.data.skips`); and a validation
 split that gives every sample to exactly one rank whatever the shard sizes.
 """
@@ -166,13 +166,17 @@ class _Stream(IterableDataset):
 class TrainStream(_Stream):
     """Endless resampled shards, cut into `batches_per_worker` full batches per worker per epoch.
 
-    Each source's shards are dealt to the `world_size × num_workers` (rank, worker) slots in turn, and each
-    slot draws from its own share with replacement; with several sources, each sample's source is drawn by
-    weight. Every rank therefore yields exactly `len(self)` equal batches per epoch, whatever the shard sizes
-    (an unequal count would hang the contrastive all-gather under DDP).
+    Every (rank, worker) draws each source's shards from the source's whole list with replacement (as
+    open_clip's resampled shards do): any number of shards feeds any number of ranks and workers, and a batch's
+    contrastive negatives come from shards drawn across the whole set, not from a fixed share that one worker
+    replays. With several sources, each sample's source is drawn by weight. Every rank yields exactly
+    `len(self)` equal batches per epoch, whatever the shard sizes (an unequal count would hang the contrastive
+    all-gather under DDP).
 
     An epoch's order depends only on (seed, rank, worker, epoch). `resume_at` > 0 (batches of this epoch
-    already trained, set on a mid-epoch resume) replays the epoch's first batches without yielding them.
+    already trained, set on a mid-epoch resume) goes on after the epoch's first batches: each worker skips the
+    raw samples they drew (`resume_positions`) without decoding them. Each batch's `"position"` is
+    `(epoch, worker, raw samples the worker has drawn this epoch)`, what a checkpoint saves for that.
     The loader takes batches from its workers in turn, so batch `b` came from worker `b % num_workers`.
     Each batch's `"skipped"`, `{(source index, reason): n}`, is what drawing it skipped (`capdiff.data.skips`).
     """
@@ -201,36 +205,56 @@ class TrainStream(_Stream):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = epoch
         self.resume_at = resume_at if resume_at is not None else SharedInt(0)
+        # On a mid-epoch resume, the raw samples each worker's trained batches drew (-1: not known)
+        self.resume_positions = mp.Array("q", self.num_workers, lock=False)
 
     def __len__(self) -> int:
         return self.batches_per_worker * self.num_workers
-
-    def shards_for(self, source: int, worker: int) -> list[str]:
-        slots = self.world_size * self.num_workers
-        return self.sources[source].urls[self.rank * self.num_workers + worker :: slots]
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = _worker()
         if num_workers != self.num_workers:
             raise RuntimeError(f"TrainStream built for {self.num_workers} workers but runs in {num_workers}")
         epoch = self.epoch.get()
-        rng = random.Random(f"capdiff/train/{self.seed}/{self.rank}/{worker}/{epoch}")
+        name = f"capdiff/train/{self.seed}/{self.rank}/{worker}/{epoch}"
+        # Two kinds of randomness: `order` draws the shards, the shuffle and the mixture (which raw sample comes
+        # next), and the n-th raw sample decodes (crop, caption) with a generator of its own, seeded by n. The raw
+        # order then does not depend on decoding, so a resumed epoch skips what its trained batches drew without
+        # decoding it and goes on exactly where the interrupted run was.
+        order = random.Random(name)
         skips = SkipLog(self.log_every_s)
-        streams = [self._source_samples(i, worker, rng, skips) for i in range(len(self.sources))]
-        samples = mix(streams, [s.weight for s in self.sources], rng)
-        # Batches already trained are still read and decoded (the same random draws keep the rest in step); what
-        # they skipped was counted before the checkpoint.
+        raw = mix([self._raw(i, order, skips) for i in range(len(self.sources))], [s.weight for s in self.sources],
+                  order)  # fmt: skip
         trained = len(range(worker, self.resume_at.get(), num_workers))
-        for index in range(self.batches_per_worker):
-            drawn = [next(samples) for _ in range(self.batch_size)]
+        position = self.resume_positions[worker] if trained else 0  # raw samples drawn so far this epoch
+        if position > 0:
+            for _ in range(position):
+                source, _ = next(raw)
+                skips.good[source] += 1  # (progress, for the no-usable-sample guard; what they skipped was counted)
+        # Without a saved position (a checkpoint from before positions were saved) the trained batches are
+        # decoded again and dropped: slower, the same result.
+        first = trained if position > 0 else 0
+        position = max(position, 0)
+        for index in range(first, self.batches_per_worker):
+            drawn = []
+            while len(drawn) < self.batch_size:
+                source, sample = next(raw)
+                sample_rng = random.Random(f"{name}/{position}")
+                position += 1
+                try:
+                    drawn.append(decode_sample(sample, self.specs[source], sample_rng))
+                except BadSample as bad:
+                    skips.skip(bad.reason, f"{sample.get('__url__')}:{sample.get('__key__')}", bad.detail, source)
+                    continue
+                skips.good[source] += 1
             skipped = skips.take()
             if index >= trained:
-                yield collate(drawn) | {"skipped": skipped}
+                yield collate(drawn) | {"skipped": skipped, "position": (epoch, worker, position)}
 
-    def _source_samples(self, source: int, worker: int, rng: random.Random, skips: SkipLog) -> Iterator[dict]:
-        shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
-        raw = shuffle(self._resample(source, self.shards_for(source, worker), rng, skips))
-        return self._decode(raw, self.specs[source], skips, rng, source)
+    def _raw(self, source: int, order: random.Random, skips: SkipLog) -> Iterator[tuple[int, dict]]:
+        shuffle = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=order)
+        for sample in shuffle(self._resample(source, self.sources[source].urls, order, skips)):
+            yield source, sample
 
     def _resample(self, source: int, shards: list[str], rng: random.Random, skips: SkipLog) -> Iterator[dict]:
         # An endless stream of shards that never yields a usable sample would spin forever: stop instead.

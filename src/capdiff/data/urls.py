@@ -4,6 +4,7 @@ that name the config key."""
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,32 @@ def check_local_shards(urls: list[str], key: str) -> None:
             f"{key}: {len(missing)} of {len(urls)} shards do not exist ({shown}). Check the path and the brace "
             f"range, e.g. \"{key}='/data/shard-{{000000..000099}}.tar'\"."
         )
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\.[^/]*)$")
+
+
+def unlisted_shards(urls: list[str]) -> dict[str, int]:
+    """Local numbered shards beside the listed ones, with the same name but for the number, that the list leaves
+    out: `{"<folder>/train-*.tar": how many}`. A brace range written for a smaller set (`{000000..000063}` of
+    1 600 shards) trains on a share of the data without any error; start-up warns with this."""
+    listed: dict[tuple[Path, str, str], set[str]] = {}
+    for url in urls:
+        path = local_path(url)
+        match = _NUMBERED.match(path.name) if path is not None else None
+        if match:
+            listed.setdefault((path.parent, match[1], match[3]), set()).add(path.name)
+    out = {}
+    for (folder, prefix, suffix), names in listed.items():
+        present = {p.name for p in folder.glob(f"{glob_escape(prefix)}*{glob_escape(suffix)}")
+                   if (m := _NUMBERED.match(p.name)) and (m[1], m[3]) == (prefix, suffix)}  # fmt: skip
+        if missing := len(present - names):
+            out[str(folder / f"{prefix}*{suffix}")] = missing
+    return out
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def count_samples(path: Path) -> int:
