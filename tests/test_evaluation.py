@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from scipy import linalg
 
 from capdiff.data.shapes import TEMPLATES
 from capdiff.data.transforms import unit_to_uint8
+from capdiff.evaluation.callback import PeriodicEval
 from capdiff.evaluation.images import (
     ImageDistances,
     load_real_features,
@@ -301,3 +303,44 @@ def test_evaluation_samples_under_the_trainers_precision(smoke_cfg, smoke_root: 
     metrics = evaluate_module.evaluate(compose_config(smoke_root, overrides, config="evaluate"))
     assert dtypes == {torch.bfloat16}  # the validation losses and the generations alike
     assert metrics["num_validation"] == 2
+
+
+class _Counted(PeriodicEval):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps_run: list[int] = []
+
+    def run(self, trainer, pl_module) -> None:
+        self.steps_run.append(trainer.global_step)
+
+
+class _Linear(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return (batch.mean() - self.weight) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_periodic_evaluation_runs_once_per_optimizer_step_under_accumulation(tmp_path: Path) -> None:
+    """Every micro-batch of an accumulated step ends with the same global_step: the evaluation of step N runs
+    once, and the end of training does not repeat the last step's; a resumed run does not redo its first step's."""
+
+    def fit(max_steps: int, callback: _Counted, ckpt_path=None) -> pl.Trainer:
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=4, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[callback], enable_checkpointing=False)  # fmt: skip
+        trainer.fit(_Linear(), torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2), ckpt_path=ckpt_path)
+        return trainer
+
+    first = _Counted(every_n_steps=2)
+    trainer = fit(6, first)
+    assert first.steps_run == [2, 4, 6]
+    trainer.save_checkpoint(tmp_path / "at6.ckpt")
+    resumed = _Counted(every_n_steps=2)
+    fit(7, resumed, tmp_path / "at6.ckpt")
+    assert resumed.steps_run == [7]  # step 6 was evaluated by the run it continues; the end of training: 7

@@ -42,17 +42,23 @@ class PeriodicEval(pl.Callback):
         self._probe = None
         self.last_metrics: dict[str, float] = {}  # the latest evaluation's `peval/...` figures (rank 0)
         self._started = time.monotonic()
+        # The optimizer step last evaluated: under gradient accumulation every micro-batch of a step ends with the
+        # same global_step, and a resumed run starts at a step its checkpoint's run may have evaluated already.
+        self._evaluated_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()
+        self._evaluated_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._evaluated_step:
+            self._evaluated_step = step
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.every_n_steps:
+        if self.every_n_steps and trainer.global_step != self._evaluated_step:
+            self._evaluated_step = trainer.global_step
             self.run(trainer, pl_module)
 
     def _fixed_batch(self, trainer: pl.Trainer) -> dict | None:
