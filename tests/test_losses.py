@@ -85,3 +85,33 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100() -> None:
         scale.log_scale.fill_(-1.0)
     scale.clamp_()
     assert scale().item() == pytest.approx(1.0)
+
+
+def test_noising_under_bf16_autocast_is_float32() -> None:
+    """Under bf16-mixed the VAE's convolutions return bf16; the latents, their noising and the target stay
+    float32 (in bf16, ᾱ at t = 1 rounds to 1: the latents would go to the UNet without noise)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from capdiff.models.diffusion import LatentDiffusion
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=4)  # fmt: skip
+    diffusion = LatentDiffusion(unet, vae)
+    seen = {}
+    unet.register_forward_pre_hook(lambda m, args, kwargs: seen.update(sample=args[0]), with_kwargs=True)
+    pixels = torch.rand(2, 3, 8, 8) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = diffusion.encode(pixels)
+        assert diffusion.vae.encode(pixels).latent_dist.mean.dtype == torch.bfloat16  # what the VAE gives
+        assert latents.dtype == torch.float32
+        noise = torch.randn_like(latents)
+        diffusion.loss(latents.bfloat16(), torch.randn(2, 3, 8), noise=noise, timesteps=torch.tensor([1, 1]))
+    a = diffusion.scheduler.alphas_cumprod[1]
+    expected = a.sqrt() * latents.bfloat16().float() + (1 - a).sqrt() * noise
+    assert seen["sample"].dtype == torch.float32
+    torch.testing.assert_close(seen["sample"], expected)
+    assert not torch.equal(seen["sample"], latents.bfloat16().float())

@@ -127,16 +127,18 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
-        """Scaled latents of `pixels` in [-1, 1]: a draw from the VAE posterior (its mean with `sample=False`)."""
+        """Scaled latents of `pixels` in [-1, 1]: a draw from the VAE posterior (its mean with `sample=False`),
+        float32 whatever precision the VAE ran in (under bf16 autocast its convolutions return bf16), as the
+        cached latents and sampling are."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         latents = posterior.sample(generator) if sample else posterior.mode()
-        return latents * self.scaling_factor
+        return latents.float() * self.scaling_factor
 
     @torch.no_grad()
     def posterior(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE posterior's mean and std (unscaled): what `capdiff.data.cache_latents` stores."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return posterior.mean, posterior.std
+        return posterior.mean.float(), posterior.std.float()
 
     def sample_latents(
         self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
@@ -158,9 +160,14 @@ class LatentDiffusion(nn.Module):
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The denoising loss at random timesteps (given ones in tests), min-SNR-γ weighted."""
+        """The denoising loss at random timesteps (given ones in tests), min-SNR-γ weighted.
+
+        The noising and the target are computed in float32: the scheduler casts ᾱ to the latents' dtype, and in
+        bf16 ᾱ at t ≤ 1 rounds to 1 (no noise at all) and the small-t steps collapse together. The UNet itself
+        runs in the trainer's precision (autocast)."""
         batch = latents.shape[0]
-        noise = torch.randn_like(latents) if noise is None else noise
+        latents = latents.float()
+        noise = torch.randn_like(latents) if noise is None else noise.float()
         if timesteps is None:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch,), device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
