@@ -8,6 +8,7 @@ computed, and the parts only it uses are not built, so they cost neither memory 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from capdiff.models.lora import add_lora
 from capdiff.models.tokenizer import load_tokenizer
 from capdiff.models.vision import VisionEncoder
 from capdiff.sampling import ddim_sample
+
+log = logging.getLogger(__name__)
 
 TERMS = ("diffusion", "caption", "contrastive")
 
@@ -53,7 +56,13 @@ class JointModel(nn.Module):
         self.llm = LanguageModel.build(
             llm.name_or_path, llm.config, tokenizer, prompt=llm.prompt, max_tokens=llm.max_tokens
         )
-        _adapt(self.llm.lm, llm, "model.llm", lambda m: m.gradient_checkpointing_enable())
+
+        # Not reentrant, said explicitly (transformers 4.x defaults to reentrant): the text-only pass's input
+        # embeddings of a frozen LLM need no gradient, and a reentrant checkpoint then cuts the LoRA adapters' off.
+        def checkpointing(part: nn.Module) -> None:
+            part.gradient_checkpointing_enable({"use_reentrant": False})
+
+        _adapt(self.llm.lm, llm, "model.llm", checkpointing)
 
         self.vision = None
         if self.weights["caption"] or self.weights["contrastive"]:
@@ -65,10 +74,14 @@ class JointModel(nn.Module):
                 embed_dim=embed_dim,
                 **resampler,
             )
-            # Not reentrant: the pixels need no gradient, and a reentrant checkpoint would then cut the LoRA
-            # adapters' gradients off.
-            reentrant = {"use_reentrant": False}
-            _adapt(self.vision.tower, spec.vision, "model.vision", lambda m: m.gradient_checkpointing_enable(reentrant))
+            # Not reentrant either: the pixels need no gradient.
+            if spec.vision.gradient_checkpointing and spec.vision.freeze and not spec.vision.lora.enabled:
+                log.warning(
+                    "model.vision.gradient_checkpointing=true does nothing here: the tower is frozen without LoRA "
+                    "(model.vision.freeze=true), so no gradient flows through it and its forward keeps no "
+                    "activations for one. Leave it false, or enable model.vision.lora."
+                )
+            _adapt(self.vision.tower, spec.vision, "model.vision", checkpointing)
             check_positions(self.llm, self.vision.num_tokens)
 
         self.diffusion = None
