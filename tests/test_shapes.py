@@ -201,3 +201,17 @@ def test_held_out_pairs_never_reach_the_training_split_and_stay_in_validation(tm
     assert {(a["shape"], a["position"]) for a in val if is_held_out(a)} == set(HELD_OUT)
     assert json.loads((root / "train.manifest.json").read_text())["held_out"] == [list(p) for p in HELD_OUT]
     assert shapes_folder_tag(0.0, 0.0, True) == "-holdout" and shapes_folder_tag(0.5, 0.0, True).endswith("-holdout")
+
+
+def test_caches_built_from_the_shapes_follow_what_their_shards_were_written_from(tmp_path: Path) -> None:
+    """A smaller run (a benchmark's --quick) rewrites the same shard paths: the probe, tokenizer, first stage
+    and latents built on the small data must not be read back for the full data."""
+    from capdiff.artifacts import cache_folder
+    from capdiff.evaluation.shapes import probe_folder
+
+    data = tmp_path / "data"
+    full, quick = shapes(tmp_path / "data" / "s"), shapes(tmp_path / "data" / "s", spec={"num_train": 48})
+    assert full.shapes_train_urls == quick.shapes_train_urls  # the same paths
+    assert probe_folder(data, full) != probe_folder(data, quick)
+    assert cache_folder(data, "autoencoders", full, {}) != cache_folder(data, "autoencoders", quick, {})
+    assert probe_folder(data, full) == probe_folder(data, shapes(tmp_path / "data" / "s"))  # and reused otherwise

@@ -89,6 +89,9 @@ def cache_folder(
     """`root/kind/<folder>-<digest>`, the digest of what the cached thing is built from: the training shards
     (`urls` when it is built from those alone), their caption keys and `settings`."""
     identity = {"urls": urls or datamodule.train_urls, "caption_key": datamodule.caption_key.spec, "settings": settings}
+    written = getattr(datamodule, "written_as", None)
+    if written is not None:  # data written by the run itself (the shapes): the same paths can hold other data
+        identity["written_as"] = written
     if urls is None and (
         len(datamodule.sources) > 1 or any(s.caption_key != datamodule.caption_key for s in datamodule.sources)
     ):

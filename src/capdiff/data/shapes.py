@@ -301,6 +301,14 @@ class ShapesDataModule(ImageTextDataModule):
                 "wrong_fraction, holdout."
             )
 
+    @property
+    def written_as(self) -> dict:
+        """What the shards at these paths are written from. A run with other sizes (a benchmark's `--quick`)
+        rewrites the same paths, so the caches built from them (tokenizer, first stage, probe, latents) are keyed
+        by this too: a probe trained on 256 images was once read back for the 4 096-image data."""
+        sizes = {"num_train": self.num_train, "num_val": self.num_val, "image_size": self.image_size}
+        return sizes | {"seed": self.shapes_seed, "caption_noise": vars(self.caption_noise), "holdout": self.holdout}
+
     def prepare_data(self) -> None:
         if self.reading_latents:  # the urls now name the cached copies (capdiff.artifacts.prepare_latents)
             return
