@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
+from capdiff.slurm import Requeue, requeue_signal
 from tests.helpers import REPO, skip_or_fail
 from tests.slurm_cluster import LocalSlurm
 
@@ -109,7 +111,7 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, output[-3000:]
 
-    (saved,) = (sweep / "0" / "checkpoints").glob("requeue-step*.ckpt")
+    saved = sweep / "0" / "checkpoints" / "requeue.ckpt"  # one file, however often requeued
     step = torch.load(saved, weights_only=True)["global_step"]
     assert 0 < step < 120
     states = slurm.run("sacct", "-D", "-X", "-n", "-j", job, "-o", "State").stdout.split()
@@ -119,3 +121,60 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     # It went on from that step (mid-epoch: the resumed epoch trains only the batches it had left) and
     # finished all 30 epochs of 4 steps.
     assert final["epoch"] == 29 and final["global_step"] == 120
+
+
+class _Big(pl.LightningModule):
+    """A model whose checkpoint takes a while to write (~200 MB), trained with accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.register_buffer("ballast", torch.zeros(50_000_000))
+
+    def training_step(self, batch, batch_idx):
+        return (batch.mean() - self.weight) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SignalAt(pl.Callback):
+    """Sends the pre-timeout signal to this process at a micro-batch in the middle of an accumulated step."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), requeue_signal())
+
+
+def test_a_requeue_checkpoints_on_an_accumulation_boundary_into_one_file(tmp_path: Path, monkeypatch) -> None:
+    """Signalled twice (the second time in the requeued job), the run leaves one requeue checkpoint, each time
+    written after an optimizer step, never between the micro-batches of one; the requeued job resumes from it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    data = torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2)  # 32 micro-batches, 8 steps an epoch
+    saved = tmp_path / "checkpoints" / "requeue.ckpt"
+
+    def run(signal_at: int, ckpt_path=None) -> dict:
+        callbacks = [Requeue(wait_s=0.1), _SignalAt(signal_at)]
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=3, accumulate_grad_batches=4, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             default_root_dir=tmp_path, callbacks=callbacks)  # fmt: skip
+        with pytest.raises(RuntimeError, match="requeued but Slurm did not stop it"):
+            trainer.fit(_Big(), data, ckpt_path=ckpt_path)
+        checkpoint = torch.load(saved, weights_only=True)
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        return {"step": checkpoint["global_step"], "batches": progress}
+
+    first = run(signal_at=5)  # the 2nd micro-batch of step 2: the checkpoint comes after step 2's 4th
+    assert first == {"step": 2, "batches": 8}
+    second = run(signal_at=13, ckpt_path=saved)  # resumed at batch 8, signalled mid step 4
+    assert second == {"step": 4, "batches": 16}
+    assert [p.name for p in saved.parent.iterdir()] == ["requeue.ckpt"]  # one file, no temporary left
+    assert (tmp_path / "scontrol.log").read_text().split("\n")[:2] == ["requeue 4242", "requeue 4242"]

@@ -3,7 +3,8 @@
 Slurm sends the signal some time before a job's limit (`hydra.launcher.signal_delay_s`, submitit's USR2 unless
 SUBMITIT_PREEMPT_SIGNAL names another). submitit and Lightning would both like to handle it; capdiff's
 `Requeue` callback replaces both (Lightning's auto-requeue is switched off, submitit's handler is replaced
-during fit): every rank notes the signal, all ranks agree at the next batch end, save one checkpoint together,
+during fit): every rank notes the signal, all ranks agree at the next optimizer step's end (never mid-accumulation),
+save one checkpoint together (`checkpoints/requeue.ckpt`, replaced by the next requeue),
 rank 0 runs `scontrol requeue`, and the job waits for Slurm to stop it. The requeued job runs the same Hydra job
 in the same run folder; `ckpt_path` then resolves to `auto` (SLURM_RESTART_COUNT > 0), so it resumes from that
 checkpoint at the same step, with the same W&B run (its id is kept in the run folder).
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
+
+REQUEUE_CHECKPOINT = "requeue.ckpt"
 
 
 def requeue_signal() -> signal.Signals:
@@ -47,11 +50,19 @@ class Requeue(pl.Callback):
         if self._previous is not None:
             signal.signal(requeue_signal(), self._previous)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        # Only after an optimizer step: a checkpoint mid-accumulation would resume without the gradients of the
+        # micro-batches already accumulated (every rank is at the same batch, so they all agree on this).
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not epoch_loop.batch_progress.is_last_batch:
+            return
         if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             return
-        path = Path(trainer.default_root_dir) / "checkpoints" / f"requeue-step{trainer.global_step:06d}.ckpt"
+        # One file, replaced by each requeue (written atomically): a requeue-per-step file at SD size is ~15 GB.
+        path = Path(trainer.default_root_dir) / "checkpoints" / REQUEUE_CHECKPOINT
+        started = time.monotonic()
         trainer.save_checkpoint(path)
+        log.info("requeue checkpoint written in %.0f s (step %d)", time.monotonic() - started, trainer.global_step)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if restarts >= self.max_requeues:
             log.warning("signal received; requeued %d times already: stopping after saving %s", restarts, path)
