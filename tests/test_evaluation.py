@@ -344,3 +344,45 @@ def test_periodic_evaluation_runs_once_per_optimizer_step_under_accumulation(tmp
     resumed = _Counted(every_n_steps=2)
     fit(7, resumed, tmp_path / "at6.ckpt")
     assert resumed.steps_run == [7]  # step 6 was evaluated by the run it continues; the end of training: 7
+
+
+def test_retrieval_recall_agrees_with_torchmetrics_in_chunks() -> None:
+    from torchmetrics.retrieval import RetrievalRecall
+
+    torch.manual_seed(0)
+    images, texts = torch.randn(50, 8), torch.randn(50, 8)
+    texts[:25] += 2 * images[:25]  # half the pairs findable
+    ours = retrieval_recall(images, texts, chunk=7)
+    sim = torch.nn.functional.normalize(images, dim=-1) @ torch.nn.functional.normalize(texts, dim=-1).T
+    target, queries = torch.eye(50, dtype=torch.bool).flatten(), torch.arange(50).repeat_interleave(50)
+    for direction, scores in (("i2t", sim), ("t2i", sim.T)):
+        for k in (1, 5, 10):
+            reference = float(RetrievalRecall(top_k=k)(scores.flatten(), target, indexes=queries))
+            assert ours[f"{direction}_r@{k}"] == pytest.approx(reference)
+    assert 0 < ours["i2t_r@1"] < 1
+
+
+def test_features_are_float32_inside_and_outside_the_trainers_autocast() -> None:
+    """Real images are read inside the evaluation step (under bf16-mixed's autocast), generated ones after it:
+    the feature network runs in float32 for both, so FID compares like with like."""
+    from capdiff.evaluation.images import FullPrecision
+
+    class Net(torch.nn.Module):
+        num_features = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(12, 4)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.linear(images.float().flatten(1) / 255)
+
+    torch.manual_seed(0)
+    net = FullPrecision(Net())
+    images = torch.randint(0, 256, (3, 3, 2, 2), dtype=torch.uint8)
+    outside = net(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = net(images)
+        assert net.net(images).dtype == torch.bfloat16  # what autocast does to it unwrapped
+    assert inside.dtype == outside.dtype == torch.float32
+    torch.testing.assert_close(inside, outside)

@@ -193,3 +193,24 @@ def test_repeated_prompts_get_their_own_seeds_the_same_on_one_and_two_ranks(
         assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 1e-3
     index = [json.loads(line) for line in (tmp_path / "two" / "samples" / "index.jsonl").read_text().splitlines()]
     assert sorted(line["seed"] for line in index) == list(range(8))
+
+
+@pytest.mark.slow
+def test_eval_num_samples_scores_the_same_images_on_one_and_two_ranks(
+    trained: tuple[Path, Path], shards: dict[str, str], tmp_path: Path
+) -> None:
+    """`eval.num_samples=N` is the split's first N samples in shard order, whatever the number of ranks (each
+    rank used to keep its first N / ranks: another set, and 6 for N=5 on 2 ranks)."""
+    root, run = trained
+    common = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "eval.steps=2", "eval.fid.feature=null",
+              "eval.num_samples=5", "data.num_workers=0", f"data.val_urls='{shards['other']}'"]  # fmt: skip
+    one = run_entry_point("evaluate.py", root, tmp_path / "one", *common)
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = run_entry_point("evaluate.py", root, tmp_path / "two", *common, "trainer=ddp_cpu", "trainer.devices=2")
+    assert two.returncode == 0, two.stderr[-4000:]
+
+    def keys(folder: Path) -> list[str]:
+        return sorted(json.loads(line)["key"] for line in (folder / "captions.jsonl").read_text().splitlines())
+
+    assert len(keys(tmp_path / "one")) == 5
+    assert keys(tmp_path / "one") == keys(tmp_path / "two")

@@ -194,8 +194,9 @@ def build_evaluator(
         extractor = build_extractor(feature, ev.fid.get("name_or_path"), ev.fid.get("weights_path"), probe)
         identity = ev.fid.get("name_or_path") or ev.fid.get("weights_path") or f"{feature}-v{PROBE_VERSION}"
         key = real_stats_key(
-            datamodule.val_urls, "val", feature, str(identity), datamodule.image_size, settings.num_samples or -1
-        )
+            datamodule.val_urls, "val", feature, str(identity), datamodule.image_size, settings.num_samples or -1,
+            getattr(datamodule, "written_as", None),
+        )  # fmt: skip
         real_cache = (Path(cfg.paths.data_dir) / "real_features", key)
     clip = clip_score_metric(ev.clip.name_or_path) if ev.clip.get("name_or_path") else None
     return Evaluator(

@@ -82,8 +82,9 @@ def glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
 
 
-def count_samples(path: Path) -> int:
-    """Samples (distinct keys with an image member) in a local tar shard, reading headers only."""
+def count_samples(path: Path, images_only: bool = True) -> int:
+    """Samples (distinct keys with an image member; with `images_only=False`, any member) in a local tar shard,
+    reading headers only."""
     keys = set()
     with tarfile.open(path, mode="r:") as tar:
         for member in tar:
@@ -92,9 +93,25 @@ def count_samples(path: Path) -> int:
             name = member.name
             base = name.rsplit("/", 1)[-1]
             stem, dot, ext = base.partition(".")
-            if dot and ext.lower() in IMAGE_EXTENSIONS:
+            if dot and (not images_only or ext.lower() in IMAGE_EXTENSIONS):
                 keys.add(name[: len(name) - len(base)] + stem)
     return len(keys)
+
+
+def first_n_cutoff(urls: list[str], n: int) -> tuple[int, int] | None:
+    """The place `(shard index, position)` of the split's n-th sample, in shard order: samples whose place comes
+    before it are the split's first n, however many ranks and workers read them. None: the split has no more
+    than n samples, or a shard is not a local file (it cannot be counted)."""
+    seen = 0
+    for index, url in enumerate(urls):
+        path = local_path(url)
+        if path is None:
+            return None
+        count = count_samples(path, images_only=False)
+        if seen + count >= n:
+            return (index, n - seen)
+        seen += count
+    return None
 
 
 def check_caption_key(url: str, caption_key: CaptionKey, key: str, max_samples: int = 16) -> None:

@@ -99,8 +99,27 @@ def inception_features(weights_path: str | None) -> nn.Module:
         ) from err
 
 
+class FullPrecision(nn.Module):
+    """A feature network run in float32 with autocast off: real images are read inside the evaluation loop's
+    step (under the trainer's bf16 autocast) and generated ones after it, and FID compares the two sets."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = net.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(images.device.type, enabled=False):
+            return self.net(images).float()
+
+
 def build_extractor(feature: str, name_or_path: str | None, weights_path: str | None, probe: Callable) -> nn.Module:
-    """The feature network for `eval.fid.feature`; `probe()` makes the shapes probe when it is asked for."""
+    """The feature network for `eval.fid.feature` (float32 whatever the trainer's precision); `probe()` makes
+    the shapes probe when it is asked for."""
+    return FullPrecision(_feature_network(feature, name_or_path, weights_path, probe))
+
+
+def _feature_network(feature: str, name_or_path: str | None, weights_path: str | None, probe: Callable) -> nn.Module:
     if feature == "inception":
         return inception_features(weights_path)
     if feature == "probe":
@@ -152,9 +171,16 @@ class ImageDistances(nn.Module):
         return {fd_name: float(self.fid.compute()), kd_name: float(kid_mean), f"{kd_name}_std": float(kid_std)}
 
 
-def real_stats_key(urls: list[str], split: str, feature: str, extractor_id: str, resolution: int, count: int) -> str:
-    """What the cached real features depend on; any change gives another file."""
+def real_stats_key(
+    urls: list[str], split: str, feature: str, extractor_id: str, resolution: int, count: int, data: dict | None = None
+) -> str:
+    """What the cached real features depend on; any change gives another file. `data`: what the shards were
+    written from, for data a run writes itself (the shapes). The features are float32 (`FullPrecision`) and the
+    images the first `count` of the split in shard order, so neither the trainer's precision nor the number of
+    ranks is part of it."""
     identity = {
+        "selection": "first-n-in-shard-order",
+        "written_as": data,
         "urls": list(urls),
         "split": split,
         "feature": feature,

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import RichProgressBar
 from rich.progress import MofNCompleteColumn, Progress
 
 from capdiff.data.transforms import as_unit, unit_to_uint8
+from capdiff.data.urls import first_n_cutoff, local_path
 from capdiff.distributed import gather_lists
 from capdiff.evaluation.generation import VariantScores, attributes_named, can_score
 from capdiff.evaluation.images import ImageDistances, load_real_features, save_real_features
@@ -112,20 +113,38 @@ class Evaluator(pl.LightningModule):
         )
         self._cached_real = load_real_features(*real_cache) if (real_cache and extractor is not None) else None
         self._real: list[torch.Tensor] = []
+        self._cutoff: tuple[int, int] | None = None  # set at test start (eval.num_samples)
+        self._all = settings.num_samples is None
         self._records: list[dict] = []  # one per validation sample seen by this rank
         self._seen = 0
         self.metrics: dict[str, Any] = {}
         self.not_applicable: list[str] = []  # what this model cannot be scored on (a GAN: captions, retrieval)
 
     # ---------------------------------------------------------------- test loop: validation images
+    def on_test_start(self) -> None:
+        # `eval.num_samples`: the split's first N samples in shard order, the same set on any number of ranks
+        # (each keeps those of its samples that come before the N-th); where the shards cannot be counted, each
+        # rank keeps its first N / ranks instead.
+        n, datamodule = self.settings.num_samples, self.trainer.datamodule
+        urls = getattr(datamodule, "val_urls", None)
+        self._cutoff = first_n_cutoff(urls, n) if (n is not None and urls) else None
+        self._all = n is None or (urls and self._cutoff is None and all(local_path(u) for u in urls))
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
         pixels, captions, keys = as_unit(batch["pixels"]), batch["captions"], batch["keys"]
         # each sample's place in the split (the generation order); in arrival order where the data has none
-        orders = batch.get("order") or [(self.global_rank, self._seen + i) for i in range(len(keys))]
-        if self.settings.num_samples is not None:
+        placed = "order" in batch
+        orders = batch["order"] if placed else [(self.global_rank, self._seen + i) for i in range(len(keys))]
+        if self._cutoff is not None and placed:
+            keep = [i for i, o in enumerate(orders) if tuple(o) < self._cutoff]
+        elif not self._all:
             share = -(-self.settings.num_samples // self.trainer.world_size)
-            keep = max(0, min(len(keys), share - self._seen))
-            pixels, captions, keys, orders = pixels[:keep], captions[:keep], keys[:keep], orders[:keep]
+            keep = list(range(max(0, min(len(keys), share - self._seen))))
+        else:
+            keep = list(range(len(keys)))
+        if len(keep) < len(keys):
+            pixels, captions = pixels[keep], [captions[i] for i in keep]
+            keys, orders = [keys[i] for i in keep], [orders[i] for i in keep]
         if not keys:
             return
         self._seen += len(keys)
