@@ -17,8 +17,11 @@ The last line compares the best accuracy reached with the issue's goal for the d
 from __future__ import annotations
 
 import time
+from itertools import islice
+from pathlib import Path
 
 import torch
+import webdataset as wds
 from common import FAST_AUTOENCODER, QUICK_DATA, compose, console, parser, ratio_line, show
 from torch import nn
 
@@ -57,14 +60,80 @@ class AttributeTokens(nn.Module):
         return torch.stack(tokens, 1)
 
 
+class CaptionWords(nn.Module):
+    """The caption's tokens (the run's tokenizer) through a fresh embedding table with learned positions, the
+    padding masked: the caption's words without any LLM. A dropped caption is one learned null token."""
+
+    def __init__(self, llm, width: int) -> None:
+        super().__init__()
+        self.llm = llm  # for its tokenizer only
+        self.embed = nn.Embedding(len(llm.tokenizer), width)
+        self.positions = nn.Parameter(torch.randn(llm.max_tokens + 1, width) * 0.02)
+        self.null = nn.Parameter(torch.randn(1, width) * 0.02)
+
+    def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        dropped = [c is None or (drop > 0 and float(torch.rand(())) < drop) for c in captions]
+        ids, mask = self.llm.tokenize([c or "" for c in captions], bos=True, eos=False)
+        tokens = self.embed(ids) + self.positions[: ids.shape[1]]
+        keep = ~torch.tensor(dropped).view(-1, 1)
+        tokens = torch.where(keep.unsqueeze(-1), tokens, self.null.expand_as(tokens))
+        mask = torch.where(keep, mask, torch.nn.functional.one_hot(torch.zeros_like(mask[:, 0]), mask.shape[1]))
+        return tokens, mask
+
+
+class FrozenLLMStates(nn.Module):
+    """A trained checkpoint's LLM, frozen: its last-layer text states (the text-only pass the joint model uses)
+    through a fresh MLP connector of the tiny preset's width. A dropped caption is the empty prompt."""
+
+    def __init__(self, checkpoint: Path, width: int, connector: str = "mlp", hidden: int = 256, slots: int = 5) -> None:
+        super().__init__()
+        from capdiff.checkpoints.portable import load_checkpoint
+        from capdiff.models.connectors import MLP, Refiner
+
+        model, _ = load_checkpoint(checkpoint)
+        self.llm = model.llm.eval().requires_grad_(False)
+        self.kind, self.slots = connector, slots
+        d = self.llm.hidden_size
+        if connector == "mlp":
+            self.connector = MLP(d, width, hidden)
+        elif connector == "refiner":
+            self.connector = Refiner(d, width, hidden)
+        else:  # slots: the last real token's state (it has read the whole caption) → `slots` tokens
+            self.connector = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, slots * width))
+
+    def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        captions = ["" if c is None or (drop > 0 and float(torch.rand(())) < drop) else c for c in captions]
+        with torch.no_grad():
+            text = self.llm.text_hidden(captions)
+        if self.kind == "slots":
+            last = text["hidden"][torch.arange(len(captions)), text["mask"].sum(1) - 1]
+            return self.connector(last).view(len(captions), self.slots, -1), None
+        return self.connector([text["hidden"]], text["mask"])[0], text["mask"]
+
+
+class OracleCondition(nn.Module):
+    """`AttributeTokens` read from the captions: the interface every `--condition` shares."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.tokens = AttributeTokens(width)
+
+    def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, None]:
+        return self.tokens([parse_caption(c) if c is not None else None for c in captions], drop=drop), None
+
+
 def oracle_step(diffusion, condition, optimizer, params, batch: dict, lr: float, dropout: float) -> list[dict]:
-    """One optimizer step of the UNet and the attribute tokens on a training batch; returns its attributes."""
+    """One optimizer step of the UNet and its condition (`AttributeTokens`, or any `--condition` module given the
+    captions) on a training batch; returns its attributes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.no_grad():
         latents = diffusion.encode(as_unit(batch["pixels"]))
     attributes = [parse_caption(c) for c in batch["captions"]]
-    loss = diffusion.loss(latents, condition(attributes, drop=dropout))
+    if isinstance(condition, AttributeTokens):
+        loss = diffusion.loss(latents, condition(attributes, drop=dropout))
+    else:
+        loss = diffusion.loss(latents, *condition(batch["captions"], drop=dropout))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -72,13 +141,20 @@ def oracle_step(diffusion, condition, optimizer, params, batch: dict, lr: float,
     return attributes
 
 
-def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list[str]]:
+def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[list[str]]:
     torch.manual_seed(0)
     cfg = compose([*quick_overrides(args), f"data.batch_size={batch_size}"], args.data_dir)
     datamodule = build_datamodule(cfg)
-    diffusion = build_model(cfg, datamodule).model.diffusion.train()
-    condition = AttributeTokens(diffusion.unet.config.cross_attention_dim)
-    params = [*diffusion.unet.parameters(), *condition.parameters()]
+    model = build_model(cfg, datamodule).model
+    diffusion = model.diffusion.train()
+    width = diffusion.unet.config.cross_attention_dim
+    if args.condition == "words":
+        condition = CaptionWords(model.llm, width)
+    elif args.condition == "llm":
+        condition = FrozenLLMStates(args.llm_from, width, args.connector)
+    else:
+        condition = OracleCondition(width)
+    params = [p for p in (*diffusion.unet.parameters(), *condition.parameters()) if p.requires_grad]
     lr = group_lr(parse(Optim, cfg.model.optim, "model.optim"), "unet")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.model.optim.weight_decay, fused=True)
     warmup = cfg.model.optim.warmup_steps
@@ -86,8 +162,13 @@ def study(args, batch_size: int, probe, val_images, val_attributes) -> list[list
     def probe_accuracy() -> dict[str, float]:
         diffusion.eval()
         with torch.no_grad():
-            null = condition([None] * len(val_attributes))
-            latents = ddim_sample(diffusion, condition(val_attributes), None, null, None, steps=25, seed=0)
+            null, null_mask = condition([None] * len(val_captions))
+            cond, mask = condition(val_captions)
+            if mask is not None and null.shape[1] < cond.shape[1]:  # guidance batches both: pad the empty prompt
+                pad = cond.shape[1] - null.shape[1]
+                null = torch.nn.functional.pad(null, (0, 0, 0, pad))
+                null_mask = torch.nn.functional.pad(null_mask, (0, pad))
+            latents = ddim_sample(diffusion, cond, mask, null, null_mask, steps=25, seed=0)
             images = unit_to_uint8(diffusion.decode(latents))
         diffusion.train()
         return attribute_accuracy(probe.predict(images), val_attributes)
@@ -125,6 +206,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=25600, help="training samples per batch size")
     p.add_argument("--every", type=int, default=6400, help="evaluate after every this many samples")
     p.add_argument("--eval-samples", type=int, default=128, help="validation captions generated per evaluation")
+    p.add_argument("--condition", choices=("oracle", "words", "llm"), default="oracle",
+                   help="oracle: the true attributes; words: the caption's tokens, no LLM; llm: --llm-from's frozen "
+                        "LLM states through a fresh MLP")  # fmt: skip
+    p.add_argument("--llm-from", type=Path, default=None, help="a checkpoint whose LLM --condition llm reads")
+    p.add_argument("--connector", choices=("mlp", "refiner", "slots"), default="mlp",
+                   help="--condition llm: the fresh connector (slots: the last token's state as 5 tokens)")  # fmt: skip
     args = p.parse_args()
     if args.quick:
         args.batch_sizes, args.samples, args.every, args.eval_samples = [4], 8, 8, 4
@@ -132,10 +219,12 @@ def main() -> None:
     cfg = compose(quick_overrides(args), args.data_dir)
     datamodule = build_datamodule(cfg)
     probe, _ = load_probe(datamodule.train_urls, datamodule.val_urls, probe_folder(cfg.paths.data_dir, datamodule))
-    _, val_images, val_attributes = read_split(datamodule.val_urls, args.eval_samples)
-    rows = [row for b in args.batch_sizes for row in study(args, b, probe, val_images, val_attributes)]
+    _, _, val_attributes = read_split(datamodule.val_urls, args.eval_samples)
+    val_captions = [s["txt"].decode() for s in islice(wds.tarfile_samples([{"url": u} for u in datamodule.val_urls]),
+                                                       args.eval_samples)]  # fmt: skip
+    rows = [row for b in args.batch_sizes for row in study(args, b, probe, val_captions, val_attributes)]
     show(
-        "UNet alone with the true attributes as its condition: probe accuracy of its generations",
+        f"UNet alone, condition: {args.condition}: probe accuracy of its generations",
         ["batch", "step", "samples", "train s", "ms/sample", *VOCAB, "mean"],
         rows,
     )

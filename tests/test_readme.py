@@ -71,7 +71,6 @@ def test_recipe_2_trains_on_8_gpus_with_the_downloaded_parts_and_accumulation(ro
     parts = [cfg.model[p].name_or_path for p in ("llm", "vision", "vae", "unet")]
     assert all(p.startswith(str(root / "models")) for p in parts), parts
     assert [s.get("weight") for s in cfg.data.sources] == [3, 1] and cfg.data.val_urls
-    assert cfg.data.num_workers * cfg.trainer.devices == 64  # the shard count the README asks for
     assert cfg.data.samples_per_epoch is None  # counted from the local shards
 
 

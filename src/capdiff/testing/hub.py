@@ -246,7 +246,10 @@ def write_clip(cache: Path, size: str) -> Path:
     text = CLIP_TEXT | (REDUCED["clip_text"] if size == "reduced" else {})
     vision = CLIP_VISION | (REDUCED["clip_vision"] if size == "reduced" else {})
     projection = 512 if size == "full" else 32
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+    # each sub-config says the projection size too, as the published config.json does: CLIPVisionModelWithProjection
+    # (FID in CLIP's feature space) reads the vision config's own
+    config = CLIPConfig(text_config=text | {"projection_dim": projection},
+                        vision_config=vision | {"projection_dim": projection}, projection_dim=projection)  # fmt: skip
     CLIPModel(config).save_pretrained(folder)
     preprocessor = CLIP_PREPROCESSOR | (
         {"crop_size": vision["image_size"], "size": vision["image_size"]} if size == "reduced" else {}
