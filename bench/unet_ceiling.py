@@ -98,7 +98,12 @@ class FrozenLLMStates(nn.Module):
             self.connector = MLP(d, width, hidden)
         elif connector == "refiner":
             self.connector = Refiner(d, width, hidden)
-        else:  # slots: the last real token's state (it has read the whole caption) → `slots` tokens
+        elif connector == "mean-mlp":  # the masked mean of the states → an MLP → `slots` tokens
+            self.connector = nn.Sequential(
+                nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, slots * width)
+            )
+        else:  # slots / mean: the last real token's state (it has read the whole caption), or the masked mean of
+            # all of them, → `slots` tokens
             self.connector = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, slots * width))
 
     def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,6 +113,10 @@ class FrozenLLMStates(nn.Module):
         if self.kind == "slots":
             last = text["hidden"][torch.arange(len(captions)), text["mask"].sum(1) - 1]
             return self.connector(last).view(len(captions), self.slots, -1), None
+        if self.kind in ("mean", "mean-mlp"):
+            weights = text["mask"].unsqueeze(-1).to(text["hidden"].dtype)
+            mean = (text["hidden"] * weights).sum(1) / weights.sum(1)
+            return self.connector(mean).view(len(captions), self.slots, -1), None
         return self.connector([text["hidden"]], text["mask"])[0], text["mask"]
 
 
@@ -210,7 +219,7 @@ def main() -> None:
                    help="oracle: the true attributes; words: the caption's tokens, no LLM; llm: --llm-from's frozen "
                         "LLM states through a fresh MLP")  # fmt: skip
     p.add_argument("--llm-from", type=Path, default=None, help="a checkpoint whose LLM --condition llm reads")
-    p.add_argument("--connector", choices=("mlp", "refiner", "slots"), default="mlp",
+    p.add_argument("--connector", choices=("mlp", "refiner", "slots", "mean", "mean-mlp"), default="mlp",
                    help="--condition llm: the fresh connector (slots: the last token's state as 5 tokens)")  # fmt: skip
     args = p.parse_args()
     if args.quick:
