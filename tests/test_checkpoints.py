@@ -93,3 +93,38 @@ def test_training_writes_and_resumes_through_capdiffs_checkpoint_io(smoke_cfg, t
     loaded = StreamingCheckpointIO().load_checkpoint(last)
     assert loaded["global_step"] == 4
     assert str(last) in Path("/proc/self/maps").read_text()  # memory-mapped, not read into memory
+
+
+def test_last_ckpt_follows_the_newest_epoch_when_the_monitored_loss_stops_improving(tmp_path) -> None:
+    """Lightning 2.6 writes last.ckpt only with a new top-k checkpoint; capdiff's ModelCheckpoint writes it at every
+    save point, so `ckpt_path=last`, a requeue's resume, evaluation and export read the newest step."""
+    import pytorch_lightning as pl
+
+    from capdiff.checkpoints.last import ModelCheckpoint
+
+    class Worsening(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return (batch.mean() - self.weight) ** 2
+
+        def validation_step(self, batch, batch_idx) -> None:
+            self.log("val/loss", float(self.current_epoch))  # best at epoch 0, worse ever after
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
+    for every_n_train_steps, limit_val_batches in ((None, 1.0), (3, 0)):
+        folder = tmp_path / f"every{every_n_train_steps}"
+        checkpoint = ModelCheckpoint(dirpath=folder, filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                     save_last=True, save_top_k=1, monitor="val/loss", mode="min",
+                                     enable_version_counter=False, every_n_train_steps=every_n_train_steps)  # fmt: skip
+        trainer = pl.Trainer(max_epochs=3, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, limit_val_batches=limit_val_batches)  # fmt: skip
+        trainer.fit(Worsening(), data, data)
+        last = torch.load(folder / "last.ckpt", weights_only=True)
+        assert (last["epoch"], last["global_step"]) == (2, 12)
+    assert torch.load(tmp_path / "everyNone" / "epoch000.ckpt", weights_only=True)["global_step"] == 4  # the best

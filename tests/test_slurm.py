@@ -40,6 +40,28 @@ def test_the_slurm_launcher_asks_for_what_the_trainer_uses(tmp_path: Path, overr
     assert launcher._target_.endswith("SlurmLauncher")
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [([], 600), (["+slurm.timeout_min=10"], 60), (["+slurm.timeout_min=240", "+slurm.signal_delay_s=900"], 900)],
+)
+def test_the_pre_timeout_signal_comes_early_enough_and_never_at_the_start(overrides, expected) -> None:
+    """600 s before a long job's limit (a step and an SD-size checkpoint write must fit), a tenth of a short one's;
+    a delay as long as the limit would signal the job as it starts, and requeue it for ever: refused."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import InterpolationResolutionError
+
+    from capdiff.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
+        assert cfg.hydra.launcher.signal_delay_s == expected
+        bad = compose("train", overrides=["hydra/launcher=slurm", "+slurm.timeout_min=10", "+slurm.signal_delay_s=600"],
+                      return_hydra_config=True)  # fmt: skip
+    with pytest.raises(InterpolationResolutionError, match=r"slurm.signal_delay_s=600 is not shorter than the job"):
+        _ = bad.hydra.launcher.signal_delay_s
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory):
     """A one-node Slurm cluster for this test session, stopped (by PID) at its end."""

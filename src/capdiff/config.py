@@ -35,9 +35,27 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver(
             "capdiff.gpus_per_node", lambda accelerator, devices: devices if accelerator in ("gpu", "cuda") else None
         )
+    if not OmegaConf.has_resolver("capdiff.signal_delay"):
+        # conf/hydra/launcher/slurm.yaml: how early Slurm signals before the time limit
+        OmegaConf.register_new_resolver("capdiff.signal_delay", signal_delay)
     if not OmegaConf.has_resolver("capdiff.shapes_tag"):
         # conf/data/synthetic.yaml: shapes with noisy training captions live in a folder of their own
         OmegaConf.register_new_resolver("capdiff.shapes_tag", _shapes_tag)
+
+
+def signal_delay(timeout_min: int | float, chosen: int | float | None = None) -> int:
+    """Seconds before the time limit Slurm signals a job: `chosen` (`slurm.signal_delay_s`), else 600 s or a
+    tenth of the limit when that is shorter (a 10-minute test job gets 60 s). At or past the whole limit, the job
+    would be signalled as it starts, and requeue itself for ever: refused with the fix."""
+    limit = float(timeout_min) * 60
+    delay = float(chosen) if chosen is not None else min(600.0, max(30.0, limit / 10))
+    if delay >= limit:
+        raise ValueError(
+            f"slurm.signal_delay_s={delay:g} is not shorter than the job's time limit ({limit:g} s, "
+            f"slurm.timeout_min={timeout_min}): the job would be signalled as it starts. Lower it, or raise "
+            "slurm.timeout_min."
+        )
+    return int(delay)
 
 
 def _shapes_tag(vague_fraction: float, wrong_fraction: float, holdout: bool = False) -> str:
