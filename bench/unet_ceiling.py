@@ -11,7 +11,15 @@ sample, so they can be compared at equal time.
 
     python bench/unet_ceiling.py [--batch-sizes 16 32] [--samples 25600] [--every 6400]
 
-The last line compares the best accuracy reached with the issue's goal for the default run (0.9).
+`--condition` swaps the oracle for a text condition, to see where the gap between text and a perfect condition
+opens (docs/conditioning.md): `words`, the caption's tokens through a fresh embedding table (no LLM), or `llm`,
+the frozen LLM of `--llm-from CKPT` through a fresh `--connector` (mlp, refiner; or slots / mean / mean-mlp:
+five tokens from the last token's state or the states' masked mean):
+
+    python bench/unet_ceiling.py --batch-sizes 16 --samples 9600 --every 4800 --condition llm --llm-from CKPT
+
+The last line compares the best accuracy reached with the default run's goal (0.9); its name says "oracle" for
+every condition, so that benchmarks' ratio lines keep one name.
 """
 
 from __future__ import annotations
