@@ -150,7 +150,7 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
     """The UNet alone on the held-out training split, conditioned on the true attributes (bench/unet_ceiling.py's
     tokens), for `--minutes` of training; writes its scores to `scores.json`."""
     import torch
-    from unet_ceiling import AttributeTokens, oracle_step
+    from unet_ceiling import OracleCondition, oracle_step
 
     from capdiff.data.transforms import unit_to_uint8
     from capdiff.joint.spec import Optim, parse
@@ -164,7 +164,7 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
     cfg = compose_run(args, ["data.shapes.holdout=true", *quick])
     datamodule = build_datamodule(cfg)
     diffusion = build_model(cfg, datamodule).model.diffusion.train()
-    condition = AttributeTokens(diffusion.unet.config.cross_attention_dim)
+    condition = OracleCondition(diffusion.unet.config.cross_attention_dim)
     params = [*diffusion.unet.parameters(), *condition.parameters()]
     lr = group_lr(parse(Optim, cfg.model.optim, "model.optim"), "unet")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.model.optim.weight_decay)
@@ -183,8 +183,8 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
     with torch.no_grad():
         for split, index in splits.items():
             truth = [attributes[i] for i in index]
-            null = condition([None] * len(truth))
-            latents = ddim_sample(diffusion, condition(truth), None, null, None, steps=25, seeds=index)
+            null = condition.tokens([None] * len(truth))
+            latents = ddim_sample(diffusion, condition.tokens(truth), None, null, None, steps=25, seeds=index)
             result[split] = accuracy(probe.predict(unit_to_uint8(diffusion.decode(latents))), truth)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").write_text(json.dumps(result, indent=1))

@@ -140,17 +140,14 @@ class OracleCondition(nn.Module):
 
 
 def oracle_step(diffusion, condition, optimizer, params, batch: dict, lr: float, dropout: float) -> list[dict]:
-    """One optimizer step of the UNet and its condition (`AttributeTokens`, or any `--condition` module given the
-    captions) on a training batch; returns its attributes."""
+    """One optimizer step of the UNet and its condition (any `--condition` module: captions → condition and mask)
+    on a training batch; returns its attributes."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.no_grad():
         latents = diffusion.encode(as_unit(batch["pixels"]))
     attributes = [parse_caption(c) for c in batch["captions"]]
-    if isinstance(condition, AttributeTokens):
-        loss = diffusion.loss(latents, condition(attributes, drop=dropout))
-    else:
-        loss = diffusion.loss(latents, *condition(batch["captions"], drop=dropout))
+    loss = diffusion.loss(latents, *condition(batch["captions"], drop=dropout))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
