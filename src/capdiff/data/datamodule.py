@@ -289,12 +289,9 @@ class ImageTextDataModule(pl.LightningDataModule):
         current = self.positions if self._positions_epoch == self.epoch.get() else {}
         mine = [current.get(w, 0) for w in range(workers)]
         names, local = self.skip_table("train")
-        if self.trainer.world_size > 1:
-            device = strategy.root_device
-            totals = strategy.reduce(local.to(device), reduce_op="sum").cpu()
-            positions = strategy.all_gather(torch.tensor(mine, device=device)).reshape(-1, workers).cpu().tolist()
-        else:
-            totals, positions = local, [mine]
+        device = strategy.root_device  # (one process: the reduce and the gather hand their tensor back)
+        totals = strategy.reduce(local.to(device), reduce_op="sum").cpu()
+        positions = strategy.all_gather(torch.tensor(mine, device=device)).reshape(-1, workers).cpu().tolist()
         skipped = {name: {r: int(n) for r, n in zip(SKIP_REASONS, row.tolist(), strict=True) if n}
                    for name, row in zip(names, totals, strict=True)}  # fmt: skip
         return {
