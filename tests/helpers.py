@@ -1,4 +1,4 @@
-"""Helpers for tests: tiny images and tar shards written in tmp_path, and the skip-or-fail rule for CI."""
+"""Helpers for tests: tiny images and tar shards written in tmp_path, a minimal LightningModule, and the skip-or-fail rule for CI."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +77,18 @@ def skip_or_fail(reason: str) -> NoReturn:
             f"{reason} (CI=true: .ci/run installs what this test needs, so it fails instead of skipping)", pytrace=False
         )
     pytest.skip(reason)
+
+
+class ScalarModule(pl.LightningModule):
+    """The least a LightningModule does to train: one scalar fitted to each batch's mean by SGD (for tests of
+    callbacks and loops, where the model does not matter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return (batch.mean() - self.weight) ** 2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -101,20 +101,11 @@ def test_last_ckpt_follows_the_newest_epoch_when_the_monitored_loss_stops_improv
     import pytorch_lightning as pl
 
     from capdiff.checkpoints.last import ModelCheckpoint
+    from tests.helpers import ScalarModule
 
-    class Worsening(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(()))
-
-        def training_step(self, batch, batch_idx):
-            return (batch.mean() - self.weight) ** 2
-
+    class Worsening(ScalarModule):
         def validation_step(self, batch, batch_idx) -> None:
             self.log("val/loss", float(self.current_epoch))  # best at epoch 0, worse ever after
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
 
     data = torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=2)
     for every_n_train_steps, limit_val_batches in ((None, 1.0), (3, 0)):

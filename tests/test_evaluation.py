@@ -25,7 +25,7 @@ from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ShapesProbe, attribute_accuracy, parse_caption
 from capdiff.evaluation.text import caption_scores, cider_d
 from capdiff.train import train
-from tests.helpers import run_entry_point
+from tests.helpers import ScalarModule, run_entry_point
 
 ATTRS = {"shape": "triangle", "color": "orange", "size": "small", "position": "bottom right", "background": "gray"}
 
@@ -314,18 +314,6 @@ class _Counted(PeriodicEval):
         self.steps_run.append(trainer.global_step)
 
 
-class _Linear(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
-
-    def training_step(self, batch, batch_idx):
-        return (batch.mean() - self.weight) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
 def test_periodic_evaluation_runs_once_per_optimizer_step_under_accumulation(tmp_path: Path) -> None:
     """Every micro-batch of an accumulated step ends with the same global_step: the evaluation of step N runs
     once, and the end of training does not repeat the last step's; a resumed run does not redo its first step's."""
@@ -334,7 +322,7 @@ def test_periodic_evaluation_runs_once_per_optimizer_step_under_accumulation(tmp
         trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=4, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                              callbacks=[callback], enable_checkpointing=False)  # fmt: skip
-        trainer.fit(_Linear(), torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2), ckpt_path=ckpt_path)
+        trainer.fit(ScalarModule(), torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=2), ckpt_path=ckpt_path)
         return trainer
 
     first = _Counted(every_n_steps=2)

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 
 from capdiff.slurm import Requeue, requeue_signal
-from tests.helpers import REPO, skip_or_fail
+from tests.helpers import REPO, ScalarModule, skip_or_fail
 from tests.slurm_cluster import LocalSlurm
 
 
@@ -145,19 +145,12 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     assert final["epoch"] == 29 and final["global_step"] == 120
 
 
-class _Big(pl.LightningModule):
-    """A model whose checkpoint takes a while to write (~200 MB), trained with accumulation."""
+class _Big(ScalarModule):
+    """A model whose checkpoint takes a while to write (~200 MB)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(()))
         self.register_buffer("ballast", torch.zeros(50_000_000))
-
-    def training_step(self, batch, batch_idx):
-        return (batch.mean() - self.weight) ** 2
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 class _SignalAt(pl.Callback):
