@@ -1,4 +1,5 @@
-"""Helpers for tests: tiny images and tar shards written in tmp_path, a minimal LightningModule, and the skip-or-fail rule for CI."""
+"""Helpers for tests: tiny images and tar shards written in tmp_path, a minimal LightningModule, and the
+skip-or-fail rule for CI."""
 
 from __future__ import annotations
 
