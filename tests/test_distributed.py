@@ -2,7 +2,7 @@
 differ per rank: noise, timesteps, posterior draws and caption-dropout masks differ across ranks, the data
 order does not change, each rank is reproducible; EMA updates once per optimizer step under gradient
 accumulation and not for a step skipped for a non-finite loss on one rank; cached latents are encoded by both
-ranks; channels_last is applied before DDP wraps the model."""
+ranks; channels_last is applied before DDP wraps the model; W&B logs one run, from rank 0."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ SETTINGS = [
     "callbacks.model_checkpoint.monitor=null",
     "callbacks.sample_grid=null",
     "callbacks.periodic_eval=null",
+    "logger=many",  # the CSV logger and W&B (offline), as a cluster run logs
 ]
 
 
@@ -107,3 +108,12 @@ def test_two_processes_train_one_run_and_count_only_the_applied_optimizer_steps(
     checkpoint = torch.load(ddp_run[3] / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3  # 32 samples an epoch over 2 ranks × 8, 2 micro-batches a step
     assert {float(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()} == {2.0}
+
+
+def test_rank_zero_logs_the_one_wandb_run_with_the_whole_config(ddp_run) -> None:
+    from tests.test_wandb import summarize
+
+    runs = list((ddp_run[3] / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # rank 1 starts none
+    logged = summarize(next(runs[0].glob("run-*.wandb")))
+    assert {"trainer", "model", "data"} <= logged["config"], logged["config"]

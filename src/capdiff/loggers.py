@@ -221,7 +221,7 @@ def run_loggers(cfg) -> Iterator[list]:
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     try:
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
+            if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:  # other ranks hold no W&B run
                 logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
         yield loggers
     finally:
