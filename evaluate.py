@@ -15,8 +15,10 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     from capdiff.evaluate import evaluate
+    from capdiff.slurm import failing_the_step
 
-    metrics = evaluate(cfg)
+    with failing_the_step():
+        metrics = evaluate(cfg)
     return metrics.get("val/loss")
 
 

@@ -14,9 +14,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from capdiff.slurm import failing_the_step
     from capdiff.train import sweep_value, train
 
-    return sweep_value(cfg, train(cfg))
+    with failing_the_step():
+        return sweep_value(cfg, train(cfg))
 
 
 if __name__ == "__main__":

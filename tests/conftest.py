@@ -50,6 +50,21 @@ def reduced_hub() -> Path:
     return HUB
 
 
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A one-node Slurm cluster on localhost for this test session, stopped (by PID) at its end."""
+    from tests.helpers import skip_or_fail
+    from tests.slurm_cluster import LocalSlurm
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except RuntimeError as err:
+        skip_or_fail(f"Slurm cannot start here: {str(err).splitlines()[0]}")
+    yield cluster
+    cluster.stop()
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(HUB, ignore_errors=True)
 

@@ -105,3 +105,14 @@ class FinalWeights(pl.Callback):
         }
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class FailOnRank(pl.Callback):
+    """Raises on one rank as training starts, after the ranks have met (a rank that breaks mid-run)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank == self.rank:
+            raise RuntimeError(f"rank {self.rank} breaks on purpose")

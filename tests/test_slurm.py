@@ -13,8 +13,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from capdiff.slurm import Requeue, requeue_signal
-from tests.helpers import REPO, ScalarModule, skip_or_fail
+from capdiff.config import KILL_BAD_EXIT
+from capdiff.slurm import Requeue, failing_the_step, requeue_signal
+from tests.helpers import REPO, ScalarModule
 from tests.slurm_cluster import LocalSlurm
 
 
@@ -62,16 +63,31 @@ def test_the_pre_timeout_signal_comes_early_enough_and_never_at_the_start(overri
         _ = bad.hydra.launcher.signal_delay_s
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory):
-    """A one-node Slurm cluster for this test session, stopped (by PID) at its end."""
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except RuntimeError as err:
-        skip_or_fail(f"Slurm cannot start here: {str(err).splitlines()[0]}")
-    yield cluster
-    cluster.stop()
+def test_a_job_script_makes_srun_stop_the_other_ranks_when_one_fails_then_runs_the_users_lines() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from capdiff.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        plain = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        setup = "+slurm.setup=[module load cuda,source .venv/bin/activate]"
+        given = compose("train", overrides=["hydra/launcher=slurm", setup], return_hydra_config=True)
+    assert list(plain.hydra.launcher.setup) == [KILL_BAD_EXIT]
+    assert list(given.hydra.launcher.setup) == [KILL_BAD_EXIT, "module load cuda", "source .venv/bin/activate"]
+
+
+def test_an_error_in_one_task_of_a_several_task_job_ends_that_task_with_status_1(monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    with pytest.raises(SystemExit) as stopped, failing_the_step():
+        raise RuntimeError("rank 1 breaks")
+    assert stopped.value.code == 1
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: the error reaches Hydra as it is
+    with pytest.raises(RuntimeError, match="rank 1 breaks"), failing_the_step():
+        raise RuntimeError("rank 1 breaks")
+    monkeypatch.delenv("SLURM_NTASKS")
+    with pytest.raises(RuntimeError, match="rank 1 breaks"), failing_the_step():
+        raise RuntimeError("rank 1 breaks")
 
 
 def launch(slurm: LocalSlurm, root: Path, sweep: Path, *overrides: str) -> subprocess.Popen:
@@ -143,6 +159,25 @@ def test_the_pre_timeout_signal_checkpoints_requeues_and_the_job_resumes_from_th
     # It went on from that step (mid-epoch: the resumed epoch trains only the batches it had left) and
     # finished all 30 epochs of 4 steps.
     assert final["epoch"] == 29 and final["global_step"] == 120
+
+
+@pytest.mark.slurm
+def test_when_one_rank_of_a_job_fails_the_job_stops_and_fails_instead_of_waiting_for_it(
+    slurm: LocalSlurm, smoke_root: Path, tmp_path: Path
+) -> None:
+    sweep = tmp_path / "sweep"
+    process = launch(slurm, smoke_root, sweep, "trainer=ddp_cpu", "trainer.devices=2",
+                     "+callbacks.fail._target_=tests.recording.FailOnRank", "+callbacks.fail.rank=1")  # fmt: skip
+    output, _ = process.communicate(timeout=300)  # rank 0 waits for rank 1 in a collective until srun stops it
+    assert process.returncode != 0, output[-3000:]
+    logs = job_log(sweep).parent
+    job = logs.name
+    assert (
+        "rank 1 of this Slurm job failed"
+        in (logs / f"{job}_1_log.err").read_text() + (logs / f"{job}_1_log.out").read_text()
+    )
+    states = slurm.run("sacct", "-X", "-n", "-j", job, "-o", "State").stdout.split()
+    assert states and states[0] == "FAILED"
 
 
 class _Big(ScalarModule):

@@ -15,6 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 PRINT_ORDER = ("data", "model", "trainer", "callbacks", "logger", "paths", "extras")
+# The first line of every Slurm job's script (conf/hydra/launcher/slurm.yaml): srun stops a job's other tasks
+# when one exits with an error (`srun --kill-on-bad-exit`; capdiff.slurm.failing_the_step), so the other ranks
+# of a failed rank do not wait for it.
+KILL_BAD_EXIT = "export SLURM_KILL_BAD_EXIT=1"
 
 
 def auto_precision(accelerator: str) -> str:
@@ -38,6 +42,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("capdiff.signal_delay"):
         # conf/hydra/launcher/slurm.yaml: how early Slurm signals before the time limit
         OmegaConf.register_new_resolver("capdiff.signal_delay", signal_delay)
+    if not OmegaConf.has_resolver("capdiff.slurm_setup"):
+        # conf/hydra/launcher/slurm.yaml: the job script's first lines
+        OmegaConf.register_new_resolver("capdiff.slurm_setup", slurm_setup)
     if not OmegaConf.has_resolver("capdiff.shapes_tag"):
         # conf/data/synthetic.yaml: shapes with noisy training captions live in a folder of their own
         OmegaConf.register_new_resolver("capdiff.shapes_tag", _shapes_tag)
@@ -56,6 +63,11 @@ def signal_delay(timeout_min: int | float, chosen: int | float | None = None) ->
             "slurm.timeout_min."
         )
     return int(delay)
+
+
+def slurm_setup(lines: list[str] | None) -> list[str]:
+    """The shell lines a Slurm job's script runs first: KILL_BAD_EXIT, then the user's `slurm.setup`."""
+    return [KILL_BAD_EXIT, *(lines or [])]
 
 
 def _shapes_tag(vague_fraction: float, wrong_fraction: float, holdout: bool = False) -> str:

@@ -12,11 +12,13 @@ checkpoint at the same step, with the same W&B run (its id is kept in the run fo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,6 +26,23 @@ import pytorch_lightning as pl
 log = logging.getLogger(__name__)
 
 REQUEUE_CHECKPOINT = "requeue.ckpt"
+
+
+@contextlib.contextmanager
+def failing_the_step() -> Iterator[None]:
+    """In a Slurm step of several tasks (the ranks of one job), an error ends this task with exit status 1.
+
+    Hydra's multirun turns a job's exception into a failed result and the task then exits 0, so srun would
+    go on waiting for the other ranks, which wait for this one in DDP's rendezvous or their next collective: a
+    job of 8 GPUs idles to its time limit. An exit status of 1 makes srun stop the step
+    (`capdiff.config.KILL_BAD_EXIT`), and the job and its sweep fail with this task's traceback in its log."""
+    try:
+        yield
+    except Exception:
+        if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+            raise
+        log.exception("rank %s of this Slurm job failed; the job stops", os.environ.get("SLURM_PROCID", "?"))
+        raise SystemExit(1) from None
 
 
 def requeue_signal() -> signal.Signals:
