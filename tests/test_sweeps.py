@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import yaml
 
@@ -69,3 +70,31 @@ def test_ddp_under_a_local_multirun_is_refused_with_what_to_use_instead(smoke_ro
     assert done.returncode != 0
     assert "would each re-run the whole sweep" in done.stderr and "hydra/launcher=slurm" in done.stderr
     assert not list((tmp_path / "sweep").glob("*/checkpoints"))
+
+
+class _Validations(pl.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
+
+
+def test_a_trial_that_stops_mid_epoch_returns_the_metric_of_its_final_weights(smoke_cfg) -> None:
+    """4 steps an epoch, stopped at step 6 by trainer.max_steps: validated at the epoch's end (4) and, for the
+    sweeper, once more at 6, whose val/loss is the one returned."""
+    from capdiff.train import sweep_value, train
+
+    seen = _Validations()
+    cfg = smoke_cfg("optimized_metric=val/loss", "trainer.max_steps=6", "trainer.max_epochs=5",
+                    "callbacks.periodic_eval=null", "callbacks.sample_grid=null")  # fmt: skip
+    metrics = train(cfg, extra_callbacks=[seen])
+    assert seen.steps == [4, 6]
+    assert sweep_value(cfg, metrics) == metrics["val/loss"]
+    assert "train/loss" in metrics  # the run's own metrics are kept beside the final validation's
+    # without a metric to return, a run is not validated again
+    again = _Validations()
+    train(smoke_cfg("trainer.max_steps=6", "trainer.max_epochs=5", "callbacks.periodic_eval=null",
+                    "callbacks.sample_grid=null"), extra_callbacks=[again])  # fmt: skip
+    assert again.steps == [4]

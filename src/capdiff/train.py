@@ -110,6 +110,17 @@ def sweep_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     return metrics[name]
 
 
+class LastValidation(pl.Callback):
+    """The optimizer step of the last validation pass (the sanity check's part-pass is not one)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
     """Returns the run's final metrics (`trainer.callback_metrics`)."""
     quiet_known_warnings()
@@ -157,7 +168,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         load_weights(model, cfg.init_from)
     save_resolved_config(used, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks.append(record)
+    validated = LastValidation()
+    callbacks += [record, validated]
     if not any(isinstance(c, NonFiniteGuard) for c in callbacks):  # a NaN step never reaches the weights
         callbacks.append(NonFiniteGuard())
     diffusion = getattr(model.model, "diffusion", None)  # recipes without a latent UNet have no latent cache
@@ -181,7 +193,13 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             # The frozen parts (VAE, a frozen CLIP tower or LLM) are in eval mode on purpose (JointModel.train).
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("optimized_metric") and validated.step != trainer.global_step and not trainer.interrupted:
+            # A run that stops at trainer.max_steps mid-epoch has not validated its final weights: the value a
+            # sweeper gets would be an earlier epoch's, or missing. Validate once more.
+            log.info("validating the final weights (step %d) for optimized_metric", trainer.global_step)
+            trainer.validate(model, datamodule=datamodule, verbose=False)
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         log.info("run folder: %s", cfg.paths.output_dir)
