@@ -4,12 +4,16 @@ over ranks."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
@@ -18,7 +22,7 @@ from pytorch_lightning.strategies import DDPStrategy
 
 from capdiff.data import ImageTextDataModule
 from capdiff.data.skips import log_skipped
-from tests.helpers import good_members, image_bytes, write_tar
+from tests.helpers import REPO, good_members, image_bytes, write_tar
 
 
 def alternating_shard(path: Path, prefix: str, goods: int) -> str:
@@ -138,11 +142,11 @@ def write_ranked_shards(folder: Path) -> None:
     (folder / "garbage.tar").write_bytes(b"\x00garbage" * 500)
 
 
-def ranked_data(folder: Path) -> ImageTextDataModule:
+def ranked_data(folder: Path, workers: int = 0) -> ImageTextDataModule:
     sources = [{"urls": f"{folder}/clean{{0..1}}.tar", "weight": 1, "name": "clean"},
                {"urls": f"{folder}/noisy{{0..1}}.tar", "weight": 1, "name": "noisy"}]  # fmt: skip
     val = [f"{folder}/val{{0..2}}.tar", f"{folder}/garbage.tar"]
-    return ImageTextDataModule(None, val, sources=sources, batch_size=4, num_workers=0, samples_per_epoch=48,
+    return ImageTextDataModule(None, val, sources=sources, batch_size=4, num_workers=workers, samples_per_epoch=48,
                                shuffle_buffer=1, image_size=8)  # fmt: skip
 
 
@@ -172,3 +176,45 @@ def test_two_ranks_log_the_sum_of_their_counts(tmp_path: Path) -> None:
         values = [r["logged"][f"val/skipped_{reason}"] for r in ranks]
         assert sum(v for v, _ in values) == n
         assert all(kwargs["sync_dist"] and kwargs["reduce_fx"] == "sum" for _, kwargs in values)
+
+
+def fit_two_ranks(folder: Path, root: Path, save_at: int | None = None, resume: bool = False) -> dict[str, float]:
+    """Two DDP ranks on the CPU, each its own process (Lightning starts rank 1 by running this module again, as
+    it runs train.py again); the metrics logged at the end (the summed totals), as rank 0 saw them."""
+    arguments = [str(folder), str(root), str(save_at or 0), str(int(resume))]
+    command = [sys.executable, "-m", "tests.test_skip_counts", *arguments]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((root / "metrics.json").read_text())
+
+
+def _fit_two_ranks(folder: Path, root: Path, save_at: int, resume: bool) -> None:
+    callbacks = [SaveAt(save_at, folder / "mid.ckpt")] if save_at else []
+    trainer = pl.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=callbacks, default_root_dir=root, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(Tiny(), datamodule=ranked_data(folder, workers=1), ckpt_path=folder / "mid.ckpt" if resume else None)
+    if trainer.global_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "metrics.json").write_text(json.dumps({k: float(v) for k, v in trainer.callback_metrics.items()}))
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_resumed_mid_epoch_logs_what_the_whole_run_logs(tmp_path: Path) -> None:
+    """The ranks skip different numbers of samples; saved mid-epoch and resumed on both ranks, the run's totals
+    are those of the run it continues, not twice one rank's count or the batches it reads again counted twice."""
+    write_ranked_shards(tmp_path)
+    whole = fit_two_ranks(tmp_path, tmp_path / "whole", save_at=3)
+    total = whole["data/skipped_missing_caption"]
+    assert total > 0 and whole["data/noisy/skipped_missing_caption"] == total
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["ImageTextDataModule"]
+    assert len(saved["train_stream"]["positions"]) == WORLD  # each rank's place in its stream
+    at_save = saved["skipped"]["noisy"]["missing_caption"]
+    assert 0 < at_save < total
+    resumed = fit_two_ranks(tmp_path, tmp_path / "resumed", resume=True)
+    assert resumed["data/skipped_missing_caption"] == total
+    assert resumed["data/noisy/skipped_missing_caption"] == total
+
+
+if __name__ == "__main__":
+    _fit_two_ranks(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4])))
