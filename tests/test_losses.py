@@ -87,6 +87,13 @@ def test_logit_scale_starts_at_one_over_0_07_and_is_clamped_at_100() -> None:
     assert scale().item() == pytest.approx(1.0)
 
 
+def test_the_logit_scale_is_a_vector_fsdp_can_shard_and_loads_from_checkpoints_that_saved_a_scalar() -> None:
+    scale = LogitScale()
+    assert scale.log_scale.shape == (1,) and scale().ndim == 0
+    scale.load_state_dict({"log_scale": torch.tensor(2.5)})  # as checkpoints before the change saved it
+    assert scale.log_scale.shape == (1,) and scale().item() == pytest.approx(math.exp(2.5))
+
+
 def test_noising_under_bf16_autocast_is_float32() -> None:
     """Under bf16-mixed the VAE's convolutions return bf16; the latents, their noising and the target stay
     float32 (in bf16, ᾱ at t = 1 rounds to 1: the latents would go to the UNet without noise)."""

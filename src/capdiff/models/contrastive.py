@@ -13,15 +13,24 @@ from torch import nn
 class LogitScale(nn.Module):
     """`exp(s)` with `s` initialised at ln(1/τ₀), kept in [0, ln(max_scale)] as CLIP and open_clip do: the
     parameter is clamped after each optimizer step (`clamp_`), not inside `forward`, where a clamp would pass
-    no gradient once `s` reached the bound, and the scale could never come back down."""
+    no gradient once `s` reached the bound, and the scale could never come back down.
+
+    `s` is a one-element vector, not a scalar: FSDP shards only parameters with a dimension. Checkpoints that
+    saved it as a scalar load as they are."""
 
     def __init__(self, init_temperature: float = 0.07, max_scale: float = 100.0) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+        self.log_scale = nn.Parameter(torch.tensor([math.log(1 / init_temperature)]))
         self.max_log = math.log(max_scale)
 
     def forward(self) -> torch.Tensor:
-        return self.log_scale.exp()
+        return self.log_scale.exp()[0]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        saved = state_dict.get(prefix + "log_scale")
+        if saved is not None and saved.ndim == 0:
+            state_dict[prefix + "log_scale"] = saved.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def clamp_(self) -> None:
