@@ -116,3 +116,22 @@ class FailOnRank(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank == self.rank:
             raise RuntimeError(f"rank {self.rank} breaks on purpose")
+
+
+class OptimizerGroups(pl.Callback):
+    """Saves, per rank, each optimizer group's weight decay and the names of its parameters (as the model
+    names them before any wrapping) to `<out>/rank<r>.pt`."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from capdiff.training.optimization import unwrapped_name
+
+        names = {id(p): unwrapped_name(n) for n, p in pl_module.model.named_parameters()}
+        groups = {
+            g["name"]: (g["weight_decay"], sorted(names[id(p)] for p in g["params"]))
+            for g in trainer.optimizers[0].param_groups
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(groups, self.out / f"rank{trainer.global_rank}.pt")

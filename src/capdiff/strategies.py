@@ -32,18 +32,17 @@ def import_class(path: str) -> type:
         ) from err
 
 
-def fsdp(
+def fsdp_options(
     wrap: list[str] | None = None,
     sharding_strategy: str = "FULL_SHARD",
     state_dict_type: str = "sharded",
     cpu_offload: bool = False,
     activation_checkpointing: bool = False,
     **kwargs,
-) -> FSDPStrategy:
-    """`trainer=fsdp`: FSDP with the given block classes as units; `state_dict_type: sharded` writes one
-    folder of shards per checkpoint (fast, resumable on the same world size), `full` one consolidated file."""
+) -> dict:
+    """The keyword arguments `fsdp` gives Lightning's FSDPStrategy."""
     blocks = {import_class(p) for p in (wrap or DEFAULT_WRAP)}
-    return FSDPStrategy(
+    return dict(
         auto_wrap_policy=blocks,
         activation_checkpointing_policy=blocks if activation_checkpointing else None,
         sharding_strategy=sharding_strategy,
@@ -53,3 +52,10 @@ def fsdp(
         process_group_backend="nccl" if torch.cuda.is_available() else "gloo",
         **kwargs,
     )
+
+
+def fsdp(**options) -> FSDPStrategy:
+    """`trainer=fsdp`: FSDP with the given block classes as units; `state_dict_type: sharded` writes one
+    folder of shards per checkpoint (fast, resumable on the same world size), `full` one consolidated file.
+    The options are `fsdp_options`'s."""
+    return FSDPStrategy(**fsdp_options(**options))

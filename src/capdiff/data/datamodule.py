@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 from capdiff.data.cache_latents import cached_urls
 from capdiff.data.decode import CaptionKey
-from capdiff.data.loaders import EpochLoader, ValLoader
+from capdiff.data.loaders import EpochLoader, EvenBatches, ValLoader
 from capdiff.data.mixture import CaptionMix, parse_sources
 from capdiff.data.skips import SKIP_REASONS, SkipCounter, table
 from capdiff.data.streams import DecodeSpec, SharedInt, TrainStream, ValStream
@@ -237,7 +238,17 @@ class ImageTextDataModule(pl.LightningDataModule):
         resume, self._resume = self._resume, None
         return EpochLoader(self.train_stream, epoch_fn=self._trainer_epoch, resume=resume, **self._loader_kwargs())
 
-    def val_dataloader(self) -> DataLoader | list:
+    def val_dataloader(self) -> DataLoader | EvenBatches | list:
+        """The validation loader Lightning's loop reads; under FSDP on several ranks, padded to the same number
+        of batches on every rank (`EvenBatches`)."""
+        loader = self.val_loader()
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if isinstance(loader, DataLoader) and isinstance(strategy, FSDPStrategy) and strategy.world_size > 1:
+            return EvenBatches(loader, strategy)
+        return loader
+
+    def val_loader(self) -> DataLoader | list:
+        """This rank's share of the validation split, batch by batch (for readers other than the validation loop)."""
         if self.val_stream is None:
             self.setup("validate")
         if not self.val_urls:

@@ -4,8 +4,9 @@ goes on; the validation one starts each pass's skip counts from zero."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
 from capdiff.data.streams import TrainStream, ValStream
@@ -67,3 +68,36 @@ class ValLoader(DataLoader):
     def __iter__(self):
         self.dataset.skip_counter.reset()
         return super().__iter__()
+
+
+class EvenBatches:
+    """A validation loader that gives every rank the same number of batches, for strategies under which every
+    forward is a collective (FSDP gathers each unit's weights from all ranks): a rank that has run out of its
+    own batches while others have not gets its last batch again, marked `padding: True` (run through the model,
+    not logged), until every rank has run out.
+
+    The ranks' counts can differ: samples are dealt round-robin, and corrupt ones are skipped where they are
+    found. One all-reduce of a flag per batch tells them apart."""
+
+    def __init__(self, loader: Iterable[dict], strategy) -> None:
+        self.loader, self.strategy = loader, strategy
+
+    def __iter__(self) -> Iterator[dict]:
+        own, last = iter(self.loader), None
+        while True:
+            batch = next(own, None) if own is not None else None
+            if batch is None:
+                own = None
+            left = torch.tensor([0.0 if batch is None else 1.0], device=self.strategy.root_device)
+            if float(self.strategy.reduce(left, reduce_op="sum")) == 0:
+                return
+            if batch is not None:
+                last = batch
+                yield batch
+            elif last is None:
+                raise RuntimeError(
+                    "this rank's share of the validation split is empty while other ranks have batches: give "
+                    "data.val_urls more samples than there are ranks (or fewer ranks)."
+                )
+            else:
+                yield last | {"padding": True}

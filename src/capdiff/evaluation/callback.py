@@ -9,13 +9,12 @@ import time
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Timer
-from pytorch_lightning.utilities import rank_zero_only
 
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
 from capdiff.evaluation.text import caption_scores
-from capdiff.training.samples import sampling_mode
+from capdiff.training.samples import call_model, caption_options, on_every_rank, same_on_every_rank, sampling_mode
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class PeriodicEval(pl.Callback):
 
     def _fixed_batch(self, trainer: pl.Trainer) -> dict | None:
         if self._batch is None:
-            loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else []
+            loader = trainer.datamodule.val_loader() if trainer.datamodule is not None else []
             pixels, captions = [], []
             for batch in loader:
                 pixels.append(as_unit(batch["pixels"]))
@@ -82,10 +81,11 @@ class PeriodicEval(pl.Callback):
             self._probe = load_probe(datamodule.shapes_train_urls, datamodule.val_urls, folder)[0]
         return self._probe
 
-    @rank_zero_only
     @torch.no_grad()
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        batch = self._fixed_batch(trainer)
+        if not (trainer.is_global_zero or on_every_rank(trainer)):
+            return
+        batch = same_on_every_rank(trainer, lambda: self._fixed_batch(trainer))
         if batch is None:
             return
         metrics: dict[str, float] = {}
@@ -95,16 +95,22 @@ class PeriodicEval(pl.Callback):
         model = pl_module.model
         with sampling_mode(trainer, pl_module):
             if model.can_caption:
-                generated = model.caption(pixels)
+                generated = call_model(trainer, pl_module, model.caption, pixels, **caption_options(trainer))
                 metrics |= caption_scores(generated, [[c] for c in captions])
                 if shapes:
                     scores = attribute_accuracy([parse_caption(g) for g in generated], truth)
                     metrics |= {f"caption_attr/{k}": v for k, v in scores.items()}
-            probe = self._shapes_probe(trainer) if shapes and self.use_probe else None
-            if model.can_generate and probe is not None:
-                images = model.generate(captions, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
-                scores = attribute_accuracy(probe.predict(unit_to_uint8(images).cpu()), truth)
-                metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
+            # the shapes probe scores the generated images (rank 0 loads it, or trains it once)
+            probed = shapes and self.use_probe and isinstance(trainer.datamodule, ShapesDataModule)
+            if model.can_generate and probed:
+                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed}
+                images = call_model(trainer, pl_module, model.generate, captions, **settings)
+                if trainer.is_global_zero:
+                    predicted = self._shapes_probe(trainer).predict(unit_to_uint8(images).cpu())
+                    scores = attribute_accuracy(predicted, truth)
+                    metrics |= {f"probe_attr/{k}": v for k, v in scores.items() if k in (*ATTRIBUTES, "mean", "all")}
+        if not trainer.is_global_zero:
+            return
         metrics["train_minutes"] = self._train_minutes(trainer)
         metrics = {f"peval/{k}": v for k, v in metrics.items()}
         self.last_metrics = metrics

@@ -65,6 +65,9 @@ class JointModule(CheckpointHooks, pl.LightningModule):
         # Before the strategy moves and wraps the model: DDP builds its gradient buckets from the parameters'
         # layout, and a layout changed after that costs a copy per bucket every step.
         self.use_channels_last(self.trainer.strategy.root_device)
+        # Each weight's own number of dimensions, read before FSDP flattens it (it then sees 1-D shards): which
+        # weights get weight decay.
+        self.param_ndims = {name: param.ndim for name, param in self.model.named_parameters()}
 
     def use_channels_last(self, device: torch.device | str) -> None:
         """The UNet in channels_last memory format when `model.speed.channels_last` says so for `device`: it
@@ -98,14 +101,16 @@ class JointModule(CheckpointHooks, pl.LightningModule):
         return out
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        log_validation_losses(self, self.model.losses(batch, "val", batch_idx), batch)
+        losses = self.model.losses(batch, "val", batch_idx)
+        if not batch.get("padding"):  # a repeated batch that keeps the ranks in step under FSDP (EvenBatches)
+            log_validation_losses(self, losses, batch)
 
     def on_validation_epoch_end(self) -> None:
         log_skipped(self, "val")
 
     # -------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.optim, self._trainer)
+        return build_optimizer(self.model, self.optim, self._trainer, getattr(self, "param_ndims", None))
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

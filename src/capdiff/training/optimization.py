@@ -79,10 +79,27 @@ def group_lr(optim: Optim, part: str) -> float:
     return own.lr if own.lr is not None else optim.lr * own.lr_scale
 
 
-def build_optimizer(model: nn.Module, optim: Optim, trainer: pl.Trainer | None) -> dict:
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the segments FSDP and activation checkpointing insert when they wrap."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def build_optimizer(
+    model: nn.Module, optim: Optim, trainer: pl.Trainer | None, ndims: dict[str, int] | None = None
+) -> dict:
     """AdamW over the part groups (`model.optim.groups.<part>` scales lr and sets weight decay; biases and
     norms without decay), and the schedule: a linear warm-up, then a cosine decay to `min_lr_ratio` of each
-    group's lr at the run's last optimizer step. Lightning's `configure_optimizers` return value."""
+    group's lr at the run's last optimizer step. Lightning's `configure_optimizers` return value.
+
+    `ndims`: each parameter's number of dimensions by name, read before a strategy that flattens parameters
+    (FSDP) wrapped the model; it tells matrices (decayed) from biases and norms. Without it, the parameters'
+    own shapes."""
+
+    def decayed(name: str, param: nn.Parameter) -> bool:
+        return (ndims or {}).get(unwrapped_name(name), param.ndim) >= 2
+
     unknown = sorted(set(optim.groups) - set(GROUPS))
     if unknown:
         raise ValueError(f"model.optim.groups: {unknown} are not parts; the parts are {', '.join(GROUPS)}.")
@@ -91,8 +108,8 @@ def build_optimizer(model: nn.Module, optim: Optim, trainer: pl.Trainer | None) 
         own = optim.groups.get(part)
         lr = group_lr(optim, part)
         decay = own.weight_decay if own is not None and own.weight_decay is not None else optim.weight_decay
-        groups.append({"params": [p for _, p in named if p.ndim >= 2], "name": part, "lr": lr, "weight_decay": decay})
-        no_decay = [p for _, p in named if p.ndim < 2]
+        groups.append({"params": [p for n, p in named if decayed(n, p)], "name": part, "lr": lr, "weight_decay": decay})
+        no_decay = [p for n, p in named if not decayed(n, p)]
         if no_decay:
             groups.append({"params": no_decay, "name": f"{part}_no_decay", "lr": lr, "weight_decay": 0.0})
     # Fused AdamW: one kernel for all parameters, where torch picks a per-parameter loop on CPU (bench/step.py,

@@ -6,19 +6,61 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.strategies import FSDPStrategy
 
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.training.ema import find_ema
 
 log = logging.getLogger(__name__)
+
+
+def on_every_rank(trainer: pl.Trainer) -> bool:
+    """Whether sampling during training runs on every rank. Rank 0 alone samples under DDP (the others wait
+    at their next collective); under FSDP every forward gathers each unit's weights from all ranks, so every
+    rank takes part, on the same inputs, and rank 0 writes what comes out."""
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def same_on_every_rank(trainer: pl.Trainer, read: Callable[[], object]):
+    """What `read()` gives on rank 0, on every rank that samples (their validation batches differ): read by
+    rank 0 alone and broadcast where every rank samples."""
+    if not on_every_rank(trainer):
+        return read()
+    return trainer.strategy.broadcast(read() if trainer.is_global_zero else None, src=0)
+
+
+def call_model(trainer: pl.Trainer, pl_module: pl.LightningModule, method: Callable, *args, **kwargs):
+    """`method(*args, **kwargs)` of the model, inside the FSDP root's forward where the model is sharded.
+
+    Outside its root forward a sharded model's own weights (those in no block unit, such as the token
+    embedding) are each rank's flat shard; the root forward gathers them, and each block unit gathers its own
+    when called (as Lightning runs `training_step` through the root)."""
+    if not on_every_rank(trainer):
+        return method(*args, **kwargs)
+    root, forward = trainer.strategy.model, pl_module.forward
+
+    def redirected(*a, **k):
+        pl_module.forward = forward
+        return method(*a, **k)
+
+    pl_module.forward = redirected
+    try:
+        return root(*args, **kwargs)
+    finally:
+        pl_module.forward = forward
+
+
+def caption_options(trainer: pl.Trainer) -> dict:
+    """Greedy captioning stops when every caption has ended, which can differ by rank: under FSDP the ranks
+    run the LLM in step until all have ended (transformers' `synced_gpus`)."""
+    return {"synced_gpus": True} if on_every_rank(trainer) else {}
 
 
 @contextmanager
@@ -81,7 +123,7 @@ class SampleGrid(pl.Callback):
         if self._val_batch is None:
             datamodule = trainer.datamodule
             has_val = datamodule is not None and bool(getattr(datamodule, "val_urls", None))
-            batch = next(iter(datamodule.val_dataloader()), None) if has_val else None
+            batch = next(iter(datamodule.val_loader()), None) if has_val else None
             if batch is not None:
                 n = self.num_prompts
                 self._val_batch = {
@@ -99,32 +141,41 @@ class SampleGrid(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.render(trainer, pl_module, "final")
 
-    @rank_zero_only
     def render(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> None:
+        if not (trainer.is_global_zero or on_every_rank(trainer)):
+            return
+        batch = same_on_every_rank(trainer, lambda: self._first_val_batch(trainer))
+        prompts = self.prompts or (batch["captions"] if batch else None)
+        model, made = pl_module.model, {}
+        with sampling_mode(trainer, pl_module):
+            if prompts and model.can_generate:
+                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed}
+                made["generated"] = call_model(trainer, pl_module, model.generate, prompts, **settings)
+            if batch is not None and model.can_caption:
+                made["captions"] = call_model(
+                    trainer, pl_module, model.caption, batch["pixels"], **caption_options(trainer)
+                )
+        if trainer.is_global_zero:
+            self.write(trainer, tag, prompts, batch, made)
+
+    def write(self, trainer: pl.Trainer, tag: str, prompts: list[str] | None, batch: dict | None, made: dict) -> None:
         folder = Path(trainer.default_root_dir) / self.folder
         folder.mkdir(parents=True, exist_ok=True)
-        batch = self._first_val_batch(trainer)
-        prompts = self.prompts or (batch["captions"] if batch else None)
         images = {}
-        with sampling_mode(trainer, pl_module):
-            model = pl_module.model
-            if prompts and model.can_generate:
-                generated = model.generate(
-                    prompts, steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed
-                )
-                grid = caption_grid(generated, prompts)
-                grid.save(folder / f"generated_{tag}.png")
-                images["samples/generated"] = grid
-            if batch is not None and model.can_caption:
-                captions = model.caption(batch["pixels"])
-                grid = caption_grid(
-                    batch["pixels"], [f"{c}\n(true: {r})" for c, r in zip(captions, batch["captions"], strict=True)]
-                )
-                grid.save(folder / f"captions_{tag}.png")
-                images["samples/captions"] = grid
-                with (folder / f"captions_{tag}.jsonl").open("w") as out:
-                    for key, ref, gen in zip(batch["keys"], batch["captions"], captions, strict=True):
-                        out.write(json.dumps({"key": key, "reference": ref, "generated": gen}) + "\n")
+        if "generated" in made:
+            grid = caption_grid(made["generated"], prompts)
+            grid.save(folder / f"generated_{tag}.png")
+            images["samples/generated"] = grid
+        if "captions" in made:
+            captions = made["captions"]
+            grid = caption_grid(
+                batch["pixels"], [f"{c}\n(true: {r})" for c, r in zip(captions, batch["captions"], strict=True)]
+            )
+            grid.save(folder / f"captions_{tag}.png")
+            images["samples/captions"] = grid
+            with (folder / f"captions_{tag}.jsonl").open("w") as out:
+                for key, ref, gen in zip(batch["keys"], batch["captions"], captions, strict=True):
+                    out.write(json.dumps({"key": key, "reference": ref, "generated": gen}) + "\n")
         log.info("samples for %s written to %s", tag, folder)
         for logger in trainer.loggers:
             if hasattr(logger, "log_image") and images:
