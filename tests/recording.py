@@ -126,7 +126,7 @@ class OptimizerGroups(pl.Callback):
         self.out = Path(out)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from capdiff.training.optimization import unwrapped_name
+        from capdiff.distributed import unwrapped_name
 
         names = {id(p): unwrapped_name(n) for n, p in pl_module.model.named_parameters()}
         groups = {

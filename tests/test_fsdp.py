@@ -8,12 +8,16 @@ GPU default, needs a GPU: bench/gpu_check.sh)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from tests.helpers import run_entry_point
+from tests.helpers import REPO, run_entry_point
 from tests.recording import OptimizerGroups
 
 FSDP = [
@@ -58,3 +62,68 @@ def test_fsdp_weight_decay_groups_are_those_of_a_run_without_it(fsdp_run: Path, 
     assert plain["unet"][0] > 0 and plain["unet_no_decay"][0] == 0  # matrices decay, biases and norms do not
     for rank in (0, 1):
         assert torch.load(fsdp_run / "groups" / f"rank{rank}.pt") == plain
+
+
+class _EMAAtStart(pl.Callback):
+    """Rank 0 saves the whole EMA average as the resumed run has it at its start (gathered from the ranks)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from capdiff.training.ema import find_ema
+
+        state = find_ema(trainer).state_dict()  # every rank: gathering is a collective
+        if trainer.is_global_zero:
+            torch.save(state, self.out)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_with_each_rank_its_ema_shard_and_serves_evaluation_pipeline_and_export(
+    fsdp_run: Path, smoke_root: Path, tmp_path: Path
+) -> None:
+    from capdiff.checkpoints.portable import ema_shadow, read_checkpoint
+    from capdiff.pipeline import Pipeline
+
+    last = fsdp_run / "run" / "checkpoints" / "last.ckpt"
+    saved = read_checkpoint(last)  # consolidated in memory
+    shadow = ema_shadow(saved)
+    assert saved["global_step"] == 4 and shadow
+    assert not any("_fsdp_wrapped_module" in name for name in shadow)  # named as without FSDP
+    assert shadow.keys() <= {k.removeprefix("model.") for k in saved["state_dict"]}
+    assert {v.shape for k, v in shadow.items() if k.endswith("to_q.weight")} == {torch.Size([32, 32])}  # whole
+
+    # resumed on 2 ranks: each rank gets its shard of the saved average back, and goes on training
+    run = fsdp_run / "resumed"
+    shutil.copytree(fsdp_run / "run", run)
+    done = run_entry_point(
+        "train.py", smoke_root, run, "experiment=smoke", *FSDP, "trainer.max_epochs=3", "ckpt_path=last",
+        f"paths.data_dir={fsdp_run / 'data'}", "data.shapes.num_val=5", "data.val_batch_size=1",
+        "callbacks.periodic_eval.every_n_steps=2",
+        "+callbacks.ema_at_start._target_=tests.test_fsdp._EMAAtStart",
+        f"+callbacks.ema_at_start.out={tmp_path / 'ema.pt'}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    at_start = torch.load(tmp_path / "ema.pt")
+    assert at_start["updates"] == ema_state(saved)["updates"]
+    assert at_start["shadow"].keys() == shadow.keys()
+    assert all(torch.equal(at_start["shadow"][k], shadow[k]) for k in shadow)
+    resumed = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 6 and ema_state(resumed)["updates"] == ema_state(saved)["updates"] + 2
+
+    # evaluate.py, the Pipeline and export read the sharded checkpoint as they read a file
+    out = tmp_path / "eval"
+    done = run_entry_point("evaluate.py", smoke_root, out, f"ckpt_path={last}", "eval.num_samples=4", "eval.steps=2")
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "val/loss" in json.loads((out / "metrics.json").read_text())["metrics"]
+    pipe = Pipeline.from_checkpoint(last)
+    assert len(pipe.generate(["a red circle"], steps=2)) == 1
+    exported = tmp_path / "export"
+    done = subprocess.run([sys.executable, "-m", "capdiff.export", str(last), str(exported)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert Pipeline.from_pretrained(exported).caption(pipe.generate(["a red circle"], steps=2))
+
+
+def ema_state(checkpoint: dict) -> dict:
+    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))

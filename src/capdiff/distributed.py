@@ -1,5 +1,6 @@
 """Distributed helpers: which process writes a shared file and how the others wait for it, per-rank random
-streams, the gather with gradient behind the contrastive loss, and the gather of evaluation records.
+streams, the gather with gradient behind the contrastive loss, the gather of evaluation records, and the
+names of wrapped parameters.
 
 Lightning's DDP launcher, torchrun and Slurm start the whole script once per rank, so anything written to disk
 before training (shapes shards, tokenizer, first-stage autoencoder, the shapes probe) is written by one
@@ -96,3 +97,10 @@ def gather_lists(items: list) -> list:
     parts: list = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name without the segments FSDP and activation checkpointing insert when they wrap."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import RichProgressBar
 
-from capdiff.checkpoints.portable import load_checkpoint, read_checkpoint, read_run
+from capdiff.checkpoints.portable import is_sharded_checkpoint, load_checkpoint, read_checkpoint, read_run
 from capdiff.config import apply_extras, command_line_overrides, save_resolved_config
 from capdiff.data.shapes import ShapesDataModule
 from capdiff.evaluation.images import build_extractor, clip_score_metric, real_stats_key
@@ -35,11 +35,12 @@ def check_checkpoint(cfg: DictConfig) -> Path:
     if cfg.get("ckpt_path") is None:
         raise ValueError("ckpt_path is not set: run `python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt`.")
     path = Path(cfg.ckpt_path)
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():  # a run folder
+    if path.is_dir() and (path / "checkpoints" / "last.ckpt").exists():  # a run folder
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(
-            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a checkpoint file (<run>/checkpoints/last.ckpt)."
+            f"ckpt_path={cfg.ckpt_path!r} does not exist; pass a checkpoint (<run>/checkpoints/last.ckpt: a file, or "
+            "the folder FSDP writes)."
         )
     return path
 

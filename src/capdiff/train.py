@@ -15,7 +15,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 
 from capdiff.artifacts import DerivedParts, derive_parts, prepare_autoencoder, prepare_latents
 from capdiff.checkpoints.io import StreamingCheckpointIO
-from capdiff.checkpoints.portable import RunRecord
+from capdiff.checkpoints.portable import RunRecord, is_sharded_checkpoint
 from capdiff.checkpoints.resume import load_weights, resolve_ckpt_path, restore_parts
 from capdiff.config import apply_extras, is_multirun, save_resolved_config
 from capdiff.data import ImageTextDataModule
@@ -133,7 +133,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             "init_from and ckpt_path are both set: ckpt_path resumes a run (weights, optimizer, step), init_from "
             "only loads weights into a new run. Give one of them."
         )
-    if cfg.get("init_from") and not Path(cfg.init_from).is_file():
+    if cfg.get("init_from") and not (Path(cfg.init_from).is_file() or is_sharded_checkpoint(cfg.init_from)):
         raise FileNotFoundError(f"init_from={cfg.init_from!r}: no such checkpoint file (give a .ckpt train.py wrote).")
     if not cfg.data.get("_target_"):
         raise ValueError(

@@ -109,15 +109,28 @@ def rebuilt_config(hparams: dict, parts: dict, tokenizer_folder: Path) -> dict:
 
 
 def upgrade_checkpoint(checkpoint: dict) -> dict:
-    """A checkpoint written before the joint model was a module of its own (capdiff 0.1: the parts at the
-    top of the state dict, `nonfinite` among the hyperparameters) in today's layout, in place. The EMA's
-    names never changed: they are the plain model's."""
+    """An older checkpoint in today's layout, in place: from before the joint model was a module of its own
+    (capdiff 0.1: the parts at the top of the state dict, `nonfinite` among the hyperparameters), and from
+    before the contrastive logit scale was a one-element vector (a scalar then: its weight, EMA average and
+    AdamW moments). The EMA's names never changed: they are the plain model's."""
     state = checkpoint.get("state_dict")
     if state and not any(k.startswith(MODEL_PREFIX) for k in state):
-        checkpoint["state_dict"] = {MODEL_PREFIX + k: v for k, v in state.items()}
+        checkpoint["state_dict"] = state = {MODEL_PREFIX + k: v for k, v in state.items()}
     hparams = checkpoint.get("hyper_parameters")
     if hparams is not None and "nonfinite" in hparams:
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "nonfinite"}
+    shadow = ema_shadow(checkpoint)
+    for weights in (state or {}, shadow or {}):
+        for name, value in weights.items():
+            if name.endswith("logit_scale.log_scale") and value.ndim == 0:
+                weights[name] = value.reshape(1)
+    if shadow:
+        next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))["shadow"] = shadow
+    for optimizer in checkpoint.get("optimizer_states") or []:
+        for moments in optimizer.get("state", {}).values():  # a scalar's moments were the only scalar ones
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in moments and moments[key].ndim == 0:
+                    moments[key] = moments[key].reshape(1)
     return checkpoint
 
 
@@ -133,8 +146,25 @@ def ema_shadow(checkpoint: dict) -> dict[str, torch.Tensor] | None:
     return dict(state["shadow"]) if state else None
 
 
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A checkpoint `trainer=fsdp` wrote with `state_dict_type: sharded`: a folder of each rank's shards and the
+    rest of the checkpoint in `meta.pt`."""
+    return Path(path).is_dir() and (Path(path) / "meta.pt").is_file()
+
+
+def read_sharded_checkpoint(path: Path) -> dict:
+    """A sharded checkpoint consolidated in memory into the layout of a one-file one (Lightning's own
+    consolidation, `python -m lightning.pytorch.utilities.consolidate_checkpoint`, without the file)."""
+    from lightning_fabric.utilities.load import _load_distributed_checkpoint
+    from pytorch_lightning.utilities.consolidate_checkpoint import _format_checkpoint
+
+    return _format_checkpoint(_load_distributed_checkpoint(path))
+
+
 def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file; pass a .ckpt written by train.py.")
     try:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig
 
 from capdiff.artifacts import DerivedParts, derives_autoencoder, derives_tokenizer, joint_config
 from capdiff.checkpoints.portable import (
     PARTS_KEY,
+    is_sharded_checkpoint,
     read_checkpoint,
     upgrade_checkpoint,
     write_autoencoder,
@@ -56,7 +56,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
         path = path or Path(output_dir) / "checkpoints" / "last.ckpt"
     else:
         path = Path(ckpt_path)
-        if path.is_dir():
+        if path.is_dir() and not is_sharded_checkpoint(path):  # a run folder or its checkpoints/
             path = newest_checkpoint(path) or newest_checkpoint(path.parent) or path / "last.ckpt"
     if not path.exists() or (path.is_dir() and not path.name.endswith(".ckpt")):
         raise FileNotFoundError(
@@ -69,9 +69,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
 def load_weights(model: pl.LightningModule, init_from: str) -> None:
     """`init_from=<file>`: start from a checkpoint's weights, with fresh optimizer, schedule and step count."""
     path = Path(init_from)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = read_checkpoint(path)
     state = upgrade_checkpoint(checkpoint)["state_dict"] if "state_dict" in checkpoint else checkpoint
     own = model.state_dict()
     missing = [k for k in own if k not in state]

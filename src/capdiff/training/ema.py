@@ -9,7 +9,10 @@ from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
+from capdiff.distributed import unwrapped_name
 from capdiff.training.nonfinite import find_guard
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,10 @@ log = logging.getLogger(__name__)
 class EMA(pl.Callback):
     """Exponential moving average of every trained parameter (`pl_module.ema_parameters()`), saved in
     checkpoints and swapped in for sampling and captioning.
+
+    Under FSDP each rank averages its own shard of the weights (as the optimizer updates them) and a checkpoint
+    holds the whole average, gathered by FSDP's full state dict onto rank 0 and named as without FSDP; a resume
+    (on any number of ranks) gives each rank its shard of it again.
 
     One update per optimizer step: not per micro-batch under `trainer.accumulate_grad_batches`, and none for a
     step skipped for a non-finite loss. The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates
@@ -34,10 +41,17 @@ class EMA(pl.Callback):
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
         self._seen_step: int | None = None
+        self._sharded: tuple | None = None  # (FSDP root, the LightningModule) while training under FSDP
+        self._full: dict[str, torch.Tensor] | None = None  # a checkpoint's whole average, until it is sharded
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here, not in on_fit_start: under FSDP a checkpoint's state is restored after on_fit_start
         params = pl_module.ema_parameters()
+        if isinstance(trainer.strategy, FSDPStrategy):
+            self._sharded = (trainer.strategy.model, pl_module)
+            if self._full is not None:
+                self.shadow = self._shard(self._full)
+        self._full = None
         if self.shadow and set(self.shadow) != set(params):
             log.warning(
                 "the checkpoint's EMA averages other parameters than this run trains (%d vs %d): the average "
@@ -68,11 +82,46 @@ class EMA(pl.Callback):
         torch._foreach_lerp_(list(self.shadow.values()), [params[n].detach() for n in self.shadow], 1 - decay)
 
     def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "updates": self.updates, "decay": self.decay}
+        shadow = self._gather() if self._sharded is not None else self.shadow
+        return {"shadow": shadow, "updates": self.updates, "decay": self.decay}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.shadow = dict(state_dict["shadow"])
         self.updates = int(state_dict["updates"])
+        self._full = self.shadow  # sharded at on_train_start when the run trains under FSDP
+
+    def _gather(self) -> dict[str, torch.Tensor]:
+        """The whole average on rank 0 (on the CPU), named as without FSDP; {} on the other ranks. Every rank
+        takes part (FSDP's full state dict is a collective), as every rank builds the checkpoint."""
+        root, pl_module = self._sharded
+        names = {unwrapped_name(n): n for n in self.shadow}
+        # On GPUs, gathered onto rank 0 alone and moved to the CPU unit by unit; on the CPU, where torch's FSDP
+        # offloading has nowhere to move it (and crashes), every rank gathers it.
+        on_gpu = root.compute_device.type == "cuda"
+        config = FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=on_gpu)
+        with (
+            self.swapped(pl_module),
+            FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config),
+        ):
+            full = root.state_dict()
+        if not pl_module.trainer.is_global_zero:
+            return {}
+        return {name: full[f"model.{name}"] for name in names if f"model.{name}" in full}
+
+    def _shard(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This rank's shard of a whole average: loaded into the weights through FSDP's full state dict, read
+        back, and the live weights put back."""
+        root, pl_module = self._sharded
+        params = pl_module.ema_parameters()
+        live = {n: p.detach().clone() for n, p in params.items()}
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with torch.no_grad(), FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+            root.load_state_dict({f"model.{n}": t for n, t in full.items()}, strict=False)
+        shadow = {n: p.detach().clone() for n, p in params.items() if unwrapped_name(n) in full}
+        with torch.no_grad():
+            for name, value in live.items():
+                params[name].copy_(value)
+        return shadow
 
     @contextmanager
     def swapped(self, pl_module: pl.LightningModule) -> Iterator[None]:

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities.enums import GradClipAlgorithmType
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from capdiff.distributed import unwrapped_name
 from capdiff.joint.model import JointModel
 from capdiff.joint.spec import Optim
 from capdiff.models.lora import freeze
@@ -77,13 +78,6 @@ def group_lr(optim: Optim, part: str) -> float:
     if own is None:
         return optim.lr
     return own.lr if own.lr is not None else optim.lr * own.lr_scale
-
-
-def unwrapped_name(name: str) -> str:
-    """A parameter's name without the segments FSDP and activation checkpointing insert when they wrap."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
-        name = name.replace(wrapper, "")
-    return name
 
 
 def build_optimizer(
