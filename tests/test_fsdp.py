@@ -19,6 +19,7 @@ import torch
 
 from tests.helpers import REPO, run_entry_point
 from tests.recording import OptimizerGroups
+from tests.test_cli import capdiff
 
 FSDP = [
     "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
@@ -118,6 +119,9 @@ def test_a_sharded_checkpoint_resumes_with_each_rank_its_ema_shard_and_serves_ev
     assert "val/loss" in json.loads((out / "metrics.json").read_text())["metrics"]
     pipe = Pipeline.from_checkpoint(last)
     assert len(pipe.generate(["a red circle"], steps=2)) == 1
+    command = capdiff("generate", "--ckpt", last, "a red circle", "--steps", "2", "--out", tmp_path / "gen")
+    made = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0 and Path(made.stdout.split()[-1]).is_file(), made.stderr[-3000:]
     exported = tmp_path / "export"
     done = subprocess.run([sys.executable, "-m", "capdiff.export", str(last), str(exported)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

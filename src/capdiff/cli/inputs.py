@@ -53,7 +53,11 @@ def port(text: str) -> int:
 def checked_checkpoint(path: str, option: str = "--ckpt", folders: bool = True) -> Path:
     """`path` as a Path when it is a checkpoint file (or, with `folders`, an export folder); else a UsageError."""
     found = Path(path)
+    from capdiff.checkpoints.portable import is_sharded_checkpoint
+
     made_by = "train.py (logs/train/runs/<run>/checkpoints/last.ckpt)"
+    if is_sharded_checkpoint(found):  # trainer=fsdp's folder of shards
+        return found
     if folders and found.is_dir():
         if not (found / "capdiff.json").is_file():
             raise UsageError(
@@ -77,6 +81,7 @@ def load_pipeline(
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from capdiff.checkpoints.portable import is_sharded_checkpoint
     from capdiff.pipeline import Pipeline
 
     # The libraries' per-file loading bars would interleave with capdiff's own progress on stderr.
@@ -94,7 +99,7 @@ def load_pipeline(
             count = torch.cuda.device_count()
             raise UsageError(f"--device {device}: torch sees {count} CUDA device(s); pass cuda:0 to cuda:{count - 1}")
     try:
-        if path.is_dir():
+        if path.is_dir() and not is_sharded_checkpoint(path):
             return Pipeline.from_pretrained(path, device=device)
         return Pipeline.from_checkpoint(path, ema=ema, device=device)
     except LOAD_ERRORS as err:
