@@ -44,17 +44,20 @@ def call_model(trainer: pl.Trainer, pl_module: pl.LightningModule, method: Calla
     when called (as Lightning runs `training_step` through the root)."""
     if not on_every_rank(trainer):
         return method(*args, **kwargs)
-    root, forward = trainer.strategy.model, pl_module.forward
+    root = trainer.strategy.model
+
+    def restore() -> None:  # the class's forward again (no instance attribute left behind)
+        pl_module.__dict__.pop("forward", None)
 
     def redirected(*a, **k):
-        pl_module.forward = forward
+        restore()
         return method(*a, **k)
 
     pl_module.forward = redirected
     try:
         return root(*args, **kwargs)
     finally:
-        pl_module.forward = forward
+        restore()
 
 
 def caption_options(trainer: pl.Trainer) -> dict:
