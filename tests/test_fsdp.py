@@ -83,7 +83,7 @@ class _EMAAtStart(pl.Callback):
 def test_a_sharded_checkpoint_resumes_with_each_rank_its_ema_shard_and_serves_evaluation_pipeline_and_export(
     fsdp_run: Path, smoke_root: Path, tmp_path: Path
 ) -> None:
-    from capdiff.checkpoints.portable import ema_shadow, read_checkpoint
+    from capdiff.checkpoints.portable import ema_shadow, ema_state, read_checkpoint
     from capdiff.pipeline import Pipeline
 
     last = fsdp_run / "run" / "checkpoints" / "last.ckpt"
@@ -127,7 +127,3 @@ def test_a_sharded_checkpoint_resumes_with_each_rank_its_ema_shard_and_serves_ev
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert Pipeline.from_pretrained(exported).caption(pipe.generate(["a red circle"], steps=2))
-
-
-def ema_state(checkpoint: dict) -> dict:
-    return next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))

@@ -119,13 +119,11 @@ def upgrade_checkpoint(checkpoint: dict) -> dict:
     hparams = checkpoint.get("hyper_parameters")
     if hparams is not None and "nonfinite" in hparams:
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k != "nonfinite"}
-    shadow = ema_shadow(checkpoint)
-    for weights in (state or {}, shadow or {}):
+    ema = ema_state(checkpoint)
+    for weights in (state or {}, ema["shadow"] if ema else {}):
         for name, value in weights.items():
             if name.endswith("logit_scale.log_scale") and value.ndim == 0:
                 weights[name] = value.reshape(1)
-    if shadow:
-        next(v for k, v in checkpoint["callbacks"].items() if k.startswith("EMA"))["shadow"] = shadow
     for optimizer in checkpoint.get("optimizer_states") or []:
         for moments in optimizer.get("state", {}).values():  # a scalar's moments were the only scalar ones
             for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
@@ -140,9 +138,14 @@ def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
+def ema_state(checkpoint: dict) -> dict | None:
+    """The EMA callback's state in a loaded checkpoint (`shadow`, `updates`, `decay`); None if it has none."""
+    return next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)
+
+
 def ema_shadow(checkpoint: dict) -> dict[str, torch.Tensor] | None:
     """The EMA callback's averaged weights in a loaded checkpoint, by parameter name; None if it has none."""
-    state = next((v for k, v in (checkpoint.get("callbacks") or {}).items() if k.startswith("EMA")), None)
+    state = ema_state(checkpoint)
     return dict(state["shadow"]) if state else None
 
 

@@ -41,14 +41,14 @@ class EMA(pl.Callback):
         self.shadow: dict[str, torch.Tensor] = {}
         self.updates = 0
         self._seen_step: int | None = None
-        self._sharded: tuple | None = None  # (FSDP root, the LightningModule) while training under FSDP
+        self._sharded: pl.LightningModule | None = None  # the module, while it trains under FSDP
         self._full: dict[str, torch.Tensor] | None = None  # a checkpoint's whole average, until it is sharded
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # here, not in on_fit_start: under FSDP a checkpoint's state is restored after on_fit_start
         params = pl_module.ema_parameters()
         if isinstance(trainer.strategy, FSDPStrategy):
-            self._sharded = (trainer.strategy.model, pl_module)
+            self._sharded = pl_module
             if self._full is not None:
                 self.shadow = self._shard(self._full)
         self._full = None
@@ -93,8 +93,8 @@ class EMA(pl.Callback):
     def _gather(self) -> dict[str, torch.Tensor]:
         """The whole average on rank 0 (on the CPU), named as without FSDP; {} on the other ranks. Every rank
         takes part (FSDP's full state dict is a collective), as every rank builds the checkpoint."""
-        root, pl_module = self._sharded
-        names = {unwrapped_name(n): n for n in self.shadow}
+        pl_module = self._sharded
+        root = pl_module.trainer.strategy.model
         # On GPUs, gathered onto rank 0 alone and moved to the CPU unit by unit; on the CPU, where torch's FSDP
         # offloading has nowhere to move it (and crashes), every rank gathers it.
         on_gpu = root.compute_device.type == "cuda"
@@ -106,12 +106,14 @@ class EMA(pl.Callback):
             full = root.state_dict()
         if not pl_module.trainer.is_global_zero:
             return {}
+        names = (unwrapped_name(n) for n in self.shadow)
         return {name: full[f"model.{name}"] for name in names if f"model.{name}" in full}
 
     def _shard(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This rank's shard of a whole average: loaded into the weights through FSDP's full state dict, read
         back, and the live weights put back."""
-        root, pl_module = self._sharded
+        pl_module = self._sharded
+        root = pl_module.trainer.strategy.model
         params = pl_module.ema_parameters()
         live = {n: p.detach().clone() for n, p in params.items()}
         config = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
