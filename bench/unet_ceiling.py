@@ -18,6 +18,13 @@ five tokens from the last token's state or the states' masked mean):
 
     python bench/unet_ceiling.py --batch-sizes 16 --samples 9600 --every 4800 --condition llm --llm-from CKPT
 
+The ablations of docs/conditioning.md: `--canonical` (words, every caption in one template), `--frozen-words`
+(words from a fixed random table), `--pooled` (the condition's mean also added to the timestep embedding),
+`--connector embeddings|layer_mix` (the LLM's input embeddings alone, or a mix of its layers), `--out-norm`
+(a LayerNorm on the connector's output), `--lexical STD` (a learned table of token ids added to the LLM path,
+initialised N(0, STD²)), `--gate` (the LLM path × a learned gate from 0), and `--override KEY=VALUE ...` for the
+config (e.g. `model.unet.config.attention_head_dim=2`: diffusers reads it as the number of heads).
+
 The last line compares the best accuracy reached with the default run's goal (0.9); its name says "oracle" for
 every condition, so that benchmarks' ratio lines keep one name.
 """
@@ -33,7 +40,7 @@ import webdataset as wds
 from common import FAST_AUTOENCODER, QUICK_DATA, compose, console, parser, ratio_line, show
 from torch import nn
 
-from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, TEMPLATES
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import attribute_accuracy, load_probe, parse_caption, probe_folder, read_split
 from capdiff.joint.spec import Optim, parse
@@ -72,15 +79,18 @@ class CaptionWords(nn.Module):
     """The caption's tokens (the run's tokenizer) through a fresh embedding table with learned positions, the
     padding masked: the caption's words without any LLM. A dropped caption is one learned null token."""
 
-    def __init__(self, llm, width: int) -> None:
+    def __init__(self, llm, width: int, canonical: bool = False) -> None:
         super().__init__()
         self.llm = llm  # for its tokenizer only
+        self.canonical = canonical  # every caption rewritten in the first template: one word order
         self.embed = nn.Embedding(len(llm.tokenizer), width)
         self.positions = nn.Parameter(torch.randn(llm.max_tokens + 1, width) * 0.02)
         self.null = nn.Parameter(torch.randn(1, width) * 0.02)
 
     def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         dropped = [c is None or (drop > 0 and float(torch.rand(())) < drop) for c in captions]
+        if self.canonical:
+            captions = [TEMPLATES[0].format(**parse_caption(c)) if c else c for c in captions]
         ids, mask = self.llm.tokenize([c or "" for c in captions], bos=True, eos=False)
         tokens = self.embed(ids) + self.positions[: ids.shape[1]]
         keep = ~torch.tensor(dropped).view(-1, 1)
@@ -93,17 +103,39 @@ class FrozenLLMStates(nn.Module):
     """A trained checkpoint's LLM, frozen: its last-layer text states (the text-only pass the joint model uses)
     through a fresh MLP connector of the tiny preset's width. A dropped caption is the empty prompt."""
 
-    def __init__(self, checkpoint: Path, width: int, connector: str = "mlp", hidden: int = 256, slots: int = 5) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        width: int,
+        connector: str = "mlp",
+        hidden: int = 256,
+        slots: int = 5,
+        out_norm: bool = False,
+        lexical: float = 0.0,
+        gate: bool = False,
+    ) -> None:
         super().__init__()
+        self.gate = nn.Parameter(torch.zeros(())) if gate else None  # the LLM path × gate, which starts at 0
+        self.lexical = None
+        if lexical:  # a learned table of the tokenizer's ids, added to the connector's output, initialised N(0, σ²)
+            self.lexical = nn.Embedding(len(model_tokenizer(checkpoint)), width)
+            nn.init.normal_(self.lexical.weight, std=lexical)
+        self.out_norm = nn.LayerNorm(width) if out_norm else nn.Identity()
         from capdiff.checkpoints.portable import load_checkpoint
-        from capdiff.models.connectors import MLP, Refiner
+        from capdiff.models.connectors import MLP, LayerMix, Refiner
 
         model, _ = load_checkpoint(checkpoint)
         self.llm = model.llm.eval().requires_grad_(False)
         self.kind, self.slots = connector, slots
         d = self.llm.hidden_size
+        self.layers = (-1,)
         if connector == "mlp":
             self.connector = MLP(d, width, hidden)
+        elif connector == "embeddings":  # the LLM's input embeddings alone (its layer 0) through the MLP
+            self.connector, self.layers = MLP(d, width, hidden), (0,)
+        elif connector == "layer_mix":
+            self.connector = LayerMix(d, width, hidden, num_layers=self.llm.lm.config.num_hidden_layers)
+            self.layers = self.connector.hidden_layers
         elif connector == "refiner":
             self.connector = Refiner(d, width, hidden)
         elif connector == "mean-mlp":  # the masked mean of the states → an MLP → `slots` tokens
@@ -117,7 +149,7 @@ class FrozenLLMStates(nn.Module):
     def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         captions = ["" if c is None or (drop > 0 and float(torch.rand(())) < drop) else c for c in captions]
         with torch.no_grad():
-            text = self.llm.text_hidden(captions)
+            text = self.llm.text_hidden(captions, layers=self.layers)
         if self.kind == "slots":
             last = text["hidden"][torch.arange(len(captions)), text["mask"].sum(1) - 1]
             return self.connector(last).view(len(captions), self.slots, -1), None
@@ -125,7 +157,52 @@ class FrozenLLMStates(nn.Module):
             weights = text["mask"].unsqueeze(-1).to(text["hidden"].dtype)
             mean = (text["hidden"] * weights).sum(1) / weights.sum(1)
             return self.connector(mean).view(len(captions), self.slots, -1), None
-        return self.connector([text["hidden"]], text["mask"])[0], text["mask"]
+        cond = self.out_norm(self.connector(text["layers"], text["mask"])[0])
+        if self.gate is not None:
+            cond = cond * self.gate
+        if self.lexical is not None:
+            ids, _ = self.llm.tokenize(captions, bos=True, eos=False)
+            cond = cond + self.lexical(ids)
+        return cond, text["mask"]
+
+
+class PooledUNet(nn.Module):
+    """The UNet with its condition's masked mean also added to the timestep embedding (diffusers'
+    `class_embed_type="projection"`): a global path beside cross-attention, as Imagen and SD-XL add a pooled text
+    embedding."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.inner = unet
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    def forward(self, sample, timesteps, encoder_hidden_states, encoder_attention_mask=None, **kwargs):
+        if encoder_attention_mask is None:
+            pooled = encoder_hidden_states.mean(1)
+        else:
+            weights = encoder_attention_mask.unsqueeze(-1).to(encoder_hidden_states.dtype)
+            pooled = (encoder_hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1)
+        return self.inner(
+            sample,
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            class_labels=pooled,
+            **kwargs,
+        )
+
+
+def model_tokenizer(checkpoint: Path):
+    from capdiff.checkpoints.portable import load_checkpoint
+
+    return load_checkpoint(checkpoint)[0].llm.tokenizer
 
 
 class OracleCondition(nn.Module):
@@ -162,10 +239,15 @@ def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[li
     model = build_model(cfg, datamodule).model
     diffusion = model.diffusion.train()
     width = diffusion.unet.config.cross_attention_dim
+    if args.pooled:
+        diffusion.unet = PooledUNet(diffusion.unet)
     if args.condition == "words":
-        condition = CaptionWords(model.llm, width)
+        condition = CaptionWords(model.llm, width, canonical=args.canonical)
+        condition.embed.requires_grad_(not args.frozen_words)
     elif args.condition == "llm":
-        condition = FrozenLLMStates(args.llm_from, width, args.connector)
+        condition = FrozenLLMStates(
+            args.llm_from, width, args.connector, out_norm=args.out_norm, lexical=args.lexical, gate=args.gate
+        )
     else:
         condition = OracleCondition(width)
     params = [p for p in (*diffusion.unet.parameters(), *condition.parameters()) if p.requires_grad]
@@ -211,7 +293,11 @@ def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[li
 
 
 def quick_overrides(args) -> list[str]:
-    return [*FAST_AUTOENCODER, *QUICK_DATA] if args.quick else []
+    pooled = [
+        "+model.unet.config.class_embed_type=projection",
+        "+model.unet.config.projection_class_embeddings_input_dim=${model.unet.config.cross_attention_dim}",
+    ]
+    return [*(FAST_AUTOENCODER + QUICK_DATA if args.quick else []), *(pooled if args.pooled else []), *args.override]
 
 
 def main() -> None:
@@ -224,8 +310,22 @@ def main() -> None:
                    help="oracle: the true attributes; words: the caption's tokens, no LLM; llm: --llm-from's frozen "
                         "LLM states through a fresh MLP")  # fmt: skip
     p.add_argument("--llm-from", type=Path, default=None, help="a checkpoint whose LLM --condition llm reads")
-    p.add_argument("--connector", choices=("mlp", "refiner", "slots", "mean", "mean-mlp"), default="mlp",
+    p.add_argument("--connector", default="mlp",
+                   choices=("mlp", "refiner", "slots", "mean", "mean-mlp", "embeddings", "layer_mix"),
                    help="--condition llm: the fresh connector (slots: the last token's state as 5 tokens)")  # fmt: skip
+    p.add_argument(
+        "--pooled", action="store_true", help="also add the condition's masked mean to the UNet's timestep embedding"
+    )
+    p.add_argument("--out-norm", action="store_true", help="--condition llm: a LayerNorm on the connector's output")
+    p.add_argument("--frozen-words", action="store_true", help="--condition words: the embedding table not trained")
+    p.add_argument(
+        "--lexical", type=float, default=0.0, help="--condition llm: add a learned token table of this init std"
+    )
+    p.add_argument("--gate", action="store_true", help="--condition llm: the connector's output × a gate from 0")
+    p.add_argument("--canonical", action="store_true", help="--condition words: every caption in one template")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="config overrides, e.g. model.unet.config.attention_head_dim=2"
+    )
     args = p.parse_args()
     if args.quick:
         args.batch_sizes, args.samples, args.every, args.eval_samples = [4], 8, 8, 4

@@ -137,3 +137,40 @@ class FirstToken(Connector):
 
     def forward(self, states, mask):
         return self.proj(states[-1][:, :1]), mask[:, :1]
+
+
+def _smoke_model(smoke_cfg, *overrides: str):
+    from capdiff.artifacts import derive_parts
+    from capdiff.train import build_datamodule, instantiate, model_config
+
+    cfg = smoke_cfg(*overrides)
+    return instantiate(model_config(cfg, derive_parts(cfg, build_datamodule(cfg))), recursive=False).model.eval()
+
+
+def test_the_lexical_table_adds_each_words_own_vector_to_its_condition_token(smoke_cfg) -> None:
+    """`model.conditioner.lexical`: with the connector's output at zero the condition is the table's row of each
+    caption token, so two captions that differ in one word differ at that word's token; the empty prompt (the
+    guidance condition) gets the table's row of its one token too."""
+    model = _smoke_model(smoke_cfg, "model.conditioner.lexical=true")
+    table = model.conditioner.lexical
+    assert table is not None and table.num_embeddings == len(model.llm.tokenizer)
+    with torch.no_grad():
+        torch.nn.init.zeros_(model.conditioner.connector[-1].weight)
+        torch.nn.init.zeros_(model.conditioner.connector[-1].bias)
+        out = model.encode_text(["a red circle", "a red square"])
+        ids, _ = model.llm.tokenize(["a red circle", "a red square"], bos=True, eos=False)
+        empty, _ = model.empty_condition(1, 1)
+    torch.testing.assert_close(out["cond"], table.weight[ids])
+    differ = (out["cond"][0] - out["cond"][1]).abs().sum(-1) > 0
+    assert differ.tolist() == (ids[0] != ids[1]).tolist() and bool(differ.any())
+    torch.testing.assert_close(empty[0, 0], table.weight[model.llm.tokenizer.bos_token_id])
+
+
+def test_the_lexical_table_is_left_out_for_connectors_with_tokens_of_their_own(smoke_cfg, caplog) -> None:
+    """Queries' tokens are not the caption's words: the table does not apply, and the log says so."""
+    with caplog.at_level("WARNING", logger="capdiff.models.conditioner"):
+        model = _smoke_model(smoke_cfg, "model/conditioner/connector=queries", "model.conditioner.lexical=true")
+    assert model.conditioner.lexical is None
+    assert "the lexical table is left out" in caplog.text
+    without = _smoke_model(smoke_cfg, "model.conditioner.lexical=false")
+    assert without.conditioner.lexical is None and "lexical" not in str(list(without.state_dict()))

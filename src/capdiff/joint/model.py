@@ -113,6 +113,8 @@ class JointModel(nn.Module):
                 num_layers=self.llm.num_layers,
                 pool=c.pool,
                 diffusion_grad=c.diffusion_grad,
+                lexical=c.lexical and bool(self.weights["diffusion"]),  # only the UNet reads it
+                vocab_size=len(self.llm.tokenizer),
             )
         self.logit_scale = None
         if self.weights["contrastive"]:
@@ -165,7 +167,7 @@ class JointModel(nn.Module):
         contrastive `text_embed`."""
         connector = self.conditioner.connector
         text = self.llm.text_hidden(captions, layers=connector.hidden_layers, queries=connector.query_tokens())
-        return self.conditioner(text["layers"], text["hidden"], text["mask"], embed=embed)
+        return self.conditioner(text["layers"], text["hidden"], text["mask"], embed=embed, ids=text["ids"])
 
     def empty_condition(self, length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed empty-prompt condition (classifier-free guidance), padded to `length` tokens."""

@@ -82,6 +82,7 @@ class Conditioner:
     width: int = 512  # what the connector configs read as their width (the constructor's own default without one)
     pool: str = "last"
     diffusion_grad: bool = True
+    lexical: bool = False  # a learned table of token ids added to the condition (configs before it: without)
     in_dim: int | None = None  # checked against the LLM's width; null follows it
     out_dim: int | None = None  # checked against the UNet's cross_attention_dim; null follows it
 

@@ -40,6 +40,9 @@ class Connector(nn.Module):
 
     #: indices into the LLM's hidden states (0: the embeddings, -1: the last layer) that `forward` receives
     hidden_layers: tuple[int, ...] = (-1,)
+    #: whether the output tokens are the caption's own tokens, one each and in order (what the conditioner's
+    #: `lexical` table adds to); a connector that says so opts in
+    per_token: bool = False
 
     def query_tokens(self) -> torch.Tensor | None:
         """Input embeddings (K×d_llm) the LLM reads after each caption; None: the caption alone."""
@@ -57,6 +60,8 @@ class MLP(nn.Sequential, Connector):
     """Each token's last-layer state through LayerNorm → Linear → GELU → Linear. Its weights keep the names
     they had before connectors were a choice (`connector.0` … `connector.3`), so those checkpoints load."""
 
+    per_token = True
+
     def __init__(self, llm_dim: int, cross_dim: int, hidden: int = 512) -> None:
         super().__init__(*_mlp(llm_dim, hidden, cross_dim))
 
@@ -68,6 +73,8 @@ class Refiner(Connector):
     """RMSNorm → Linear → `depth` pre-norm transformer encoder blocks (bidirectional self-attention over the real
     tokens: padding is masked as a key) → LayerNorm → Linear. As Lumina-Image 2.0 refines Gemma's states before
     its DiT reads them, with `depth=2` there too."""
+
+    per_token = True
 
     def __init__(
         self, llm_dim: int, cross_dim: int, width: int = 256, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0
@@ -94,6 +101,8 @@ class LayerMix(Connector):
     """A softmax-weighted average of LLM layers, each layer-normalised (no affine) first so no layer's scale
     dominates, then the MLP. `layers`: hidden-state indices (0: the input embeddings, -1: the last layer); null:
     all of them, the input embeddings included."""
+
+    per_token = True
 
     def __init__(
         self, llm_dim: int, cross_dim: int, hidden: int = 512, layers: list[int] | None = None, num_layers: int = 0

@@ -74,8 +74,10 @@ class LanguageModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The text-only pass: `[bos] caption`, then `queries` (K×d input embeddings, read right after each
         caption's last word whatever the padding) → `hidden` (the last layer), `layers` (the hidden states at
-        those indices: 0 the embeddings, -1 the last layer) and `mask` (captions, then the K queries)."""
+        those indices: 0 the embeddings, -1 the last layer), `mask` (captions, then the K queries) and `ids` (the
+        captions' token ids, padded, without the queries)."""
         ids, mask = self.tokenize(captions, bos=True, eos=False)
+        caption_ids = ids
         every = layers != (-1,)
         if queries is None:
             out = self.lm.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=every)
@@ -93,7 +95,7 @@ class LanguageModel(nn.Module):
             )
         hidden = out.last_hidden_state
         chosen = [out.hidden_states[i] for i in layers] if every else [hidden]
-        return {"hidden": hidden, "layers": chosen, "mask": mask}
+        return {"hidden": hidden, "layers": chosen, "mask": mask, "ids": caption_ids}
 
     def _prefixed(self, prefix: torch.Tensor) -> torch.Tensor:
         embed = self.lm.get_input_embeddings()

@@ -38,6 +38,8 @@ def apply_freezing(model: JointModel) -> None:
         freeze(model.conditioner.to_embed)
     if model.conditioner is not None and not weights["diffusion"]:
         freeze(model.conditioner.connector)
+        if model.conditioner.lexical is not None:
+            freeze(model.conditioner.lexical)
     llm_grad = model.conditioner is not None and model.conditioner.diffusion_grad and weights["diffusion"]
     if not (weights["caption"] or weights["contrastive"] or llm_grad):
         freeze(model.llm.lm)  # only read: the UNet's condition does not train it (model.conditioner.diffusion_grad)
