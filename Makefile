@@ -11,7 +11,7 @@ ARGS ?=
 # The benchmarks of docs/benchmarks.md that `make bench` runs in turn (bench/fullsize.py: `make bench-fullsize`).
 BENCHMARKS := overhead data_pipeline latents sampling gpu step ema unet_ceiling
 
-.PHONY: install train test test-slow test-slurm test-all lint format bench bench-fullsize clean
+.PHONY: install train test test-slow test-slurm test-all lint format bench bench-fullsize gpu-wheels clean
 
 install: $(STAMP)
 
@@ -62,6 +62,18 @@ bench: install
 # ~25 GB of disk under data/fullsize (the hub is kept for the next run; checkpoints and export are not).
 bench-fullsize: install
 	$(PY) bench/fullsize.py $(ARGS)
+
+# bench/gpu_check.sh on a GPU machine (Python 3.12, no network, torch and Lightning already there): the wheels of
+# capdiff's dependencies it lacks, at the versions of constraints.txt, fetched here into .whl/ (ignored), which
+# travels with the run. antlr4-python3-runtime (hydra's parser) is published as a source archive only: built here.
+GPU_WHEELS := diffusers hydra-core omegaconf webdataset braceexpand kornia kornia_rs importlib_metadata
+GPU_PLATFORMS := $(foreach n,2_28 2_27 2_17,--platform manylinux_$(n)_x86_64) --platform manylinux2014_x86_64
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(GPU_PLATFORMS) -c constraints.txt -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -c constraints.txt -w .whl antlr4-python3-runtime
+	du -sh .whl
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -46,7 +46,8 @@ def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
     base = [
         "extras.print_config=false", "data.shapes.holdout=true", f"trainer.max_time={max_time(args.minutes)}",
         f"trainer.max_epochs={args.epochs}", "callbacks.periodic_eval=null", "callbacks.sample_grid=null",
-        f"model/conditioner/connector={arm}", *REGIMES[args.regime],
+        f"model/conditioner/connector={arm}", f"model.conditioner.lexical={str(args.lexical).lower()}",
+        *REGIMES[args.regime],
     ]  # fmt: skip
     if args.data_dir:
         base.append(f"paths.data_dir={args.data_dir}")
@@ -283,6 +284,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=8.0, help="training minutes per arm (trainer.max_time)")
     p.add_argument("--epochs", type=int, default=5, help="trainer.max_epochs: the schedule the minutes span")
     p.add_argument("--seen", type=int, default=192, help="validation prompts of trained pairs to generate")
+    p.add_argument("--lexical", action=argparse.BooleanOptionalAction, default=True,
+                   help="the lexical table on the per-token connectors (the tiny preset's default); the table in "
+                        "docs/conditioning.md was measured before it, as --no-lexical")  # fmt: skip
     p.add_argument("--parallel", type=int, default=1, help="arms trained at a time (each on 2/parallel threads)")
     p.add_argument("--work", type=Path, default=REPO / "logs" / "bench-conditioning")
     p.add_argument("--out", type=Path, default=None, help="write the plot to <out>/images/conditioning/")

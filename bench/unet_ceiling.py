@@ -116,16 +116,18 @@ class FrozenLLMStates(nn.Module):
     ) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(())) if gate else None  # the LLM path × gate, which starts at 0
-        self.lexical = None
-        if lexical:  # a learned table of the tokenizer's ids, added to the connector's output, initialised N(0, σ²)
-            self.lexical = nn.Embedding(len(model_tokenizer(checkpoint)), width)
-            nn.init.normal_(self.lexical.weight, std=lexical)
+        if (lexical or gate or out_norm) and connector in ("slots", "mean", "mean-mlp"):
+            raise ValueError(f"--lexical, --gate and --out-norm act on per-token connectors, not {connector}.")
         self.out_norm = nn.LayerNorm(width) if out_norm else nn.Identity()
         from capdiff.checkpoints.portable import load_checkpoint
         from capdiff.models.connectors import MLP, LayerMix, Refiner
 
         model, _ = load_checkpoint(checkpoint)
         self.llm = model.llm.eval().requires_grad_(False)
+        self.lexical = None
+        if lexical:  # a learned table of the tokenizer's ids, added to the connector's output, initialised N(0, σ²)
+            self.lexical = nn.Embedding(len(self.llm.tokenizer), width)
+            nn.init.normal_(self.lexical.weight, std=lexical)
         self.kind, self.slots = connector, slots
         d = self.llm.hidden_size
         self.layers = (-1,)
@@ -197,12 +199,6 @@ class PooledUNet(nn.Module):
             class_labels=pooled,
             **kwargs,
         )
-
-
-def model_tokenizer(checkpoint: Path):
-    from capdiff.checkpoints.portable import load_checkpoint
-
-    return load_checkpoint(checkpoint)[0].llm.tokenizer
 
 
 class OracleCondition(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 
@@ -30,6 +31,7 @@ OLD_RUN = [
     "model.vision.resampler.width=16",
     "model/conditioner/connector=mlp",  # written before connectors were a choice: the MLP, 16 wide
     "model.conditioner.width=16",
+    "model.conditioner.lexical=false",  # written before the lexical table
     "model.contrastive.embed_dim=8",
     "data.shapes.num_train=64",
 ]
@@ -66,6 +68,20 @@ def test_an_old_checkpoint_resumes_at_its_step(tmp_path: Path) -> None:
     assert steps == {12.0}  # AdamW's own count carried on from the old optimizer state
     # the tokenizer and first-stage autoencoder came from the checkpoint, not from a data cache
     assert (run / "parts" / "tokenizer").is_dir() and (run / "parts" / "autoencoder" / "config.json").is_file()
+
+
+def test_resuming_a_checkpoint_from_before_a_preset_change_says_which_key_to_set(tmp_path: Path) -> None:
+    """Today's smoke preset has the lexical table, the old checkpoint does not: the resume stops before
+    training, naming the key, instead of failing inside Lightning's strict load."""
+    todays = [o for o in OLD_RUN if "lexical" not in o]
+    run = tmp_path / "run"
+    cfg = compose_config(tmp_path, [*todays, f"paths.output_dir={run}", f"ckpt_path={OLD}", "trainer.max_epochs=3"])
+    with pytest.raises(ValueError, match=r"predates the lexical table: add model\.conditioner\.lexical=false"):
+        train(cfg)
+    assert not (run / "checkpoints").exists()
+    cfg = compose_config(tmp_path, [*todays, f"paths.output_dir={run}", f"init_from={OLD}", "trainer.max_epochs=1"])
+    with pytest.raises(ValueError, match=r"init_from=.*predates the lexical table"):
+        train(cfg)
 
 
 def test_an_old_checkpoint_starts_a_new_run_with_init_from(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from capdiff.artifacts import DerivedParts, derive_parts, prepare_autoencoder, prepare_latents
 from capdiff.checkpoints.io import StreamingCheckpointIO
 from capdiff.checkpoints.portable import RunRecord, is_sharded_checkpoint
-from capdiff.checkpoints.resume import load_weights, resolve_ckpt_path, restore_parts
+from capdiff.checkpoints.resume import check_resumable, load_weights, resolve_ckpt_path, restore_parts
 from capdiff.config import apply_extras, is_multirun, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
@@ -166,6 +166,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     model = instantiate(used.model, recursive=False)
     if cfg.get("init_from") and ckpt_path is None:
         load_weights(model, cfg.init_from)
+    elif ckpt_path is not None and not is_sharded_checkpoint(ckpt_path):  # a folder would be gathered whole
+        check_resumable(model, ckpt_path)
     save_resolved_config(used, cfg.paths.output_dir)
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     validated = LastValidation()

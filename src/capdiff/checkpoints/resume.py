@@ -66,14 +66,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
     return str(path)
 
 
-def load_weights(model: pl.LightningModule, init_from: str) -> None:
-    """`init_from=<file>`: start from a checkpoint's weights, with fresh optimizer, schedule and step count."""
-    path = Path(init_from)
-    if not (path.is_file() or is_sharded_checkpoint(path)):
-        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
-    checkpoint = read_checkpoint(path)
-    state = upgrade_checkpoint(checkpoint)["state_dict"] if "state_dict" in checkpoint else checkpoint
-    own = model.state_dict()
+def weight_mismatch(own: dict[str, Any], state: dict[str, Any]) -> str | None:
+    """How a checkpoint's weights differ from a model's (its keys and shapes), or None when they fit."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [
@@ -81,15 +75,44 @@ def load_weights(model: pl.LightningModule, init_from: str) -> None:
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or reshaped:
+    if not (missing or unexpected or reshaped):
+        return None
+    hint = ""
+    if missing and all(".conditioner.lexical." in k for k in missing):
+        hint = "; it predates the lexical table: add model.conditioner.lexical=false"
+    return (
+        f"the checkpoint does not match this model (missing {len(missing)} keys, e.g. {missing[:3]}; unexpected "
+        f"{len(unexpected)}, e.g. {unexpected[:3]}; other shapes {len(reshaped)}, e.g. {reshaped[:3]}){hint}"
+    )
+
+
+def load_weights(model: pl.LightningModule, init_from: str) -> None:
+    """`init_from=<file>`: start from a checkpoint's weights, with fresh optimizer, schedule and step count."""
+    path = Path(init_from)
+    if not (path.is_file() or is_sharded_checkpoint(path)):
+        raise FileNotFoundError(f"init_from={init_from!r}: no such checkpoint file.")
+    checkpoint = read_checkpoint(path)
+    state = upgrade_checkpoint(checkpoint)["state_dict"] if "state_dict" in checkpoint else checkpoint
+    problem = weight_mismatch(model.state_dict(), state)
+    if problem:
         raise ValueError(
-            f"init_from={init_from}: the checkpoint does not match this model (missing {len(missing)} keys, e.g. "
-            f"{missing[:3]}; unexpected {len(unexpected)}, e.g. {unexpected[:3]}; other shapes {len(reshaped)}, "
-            f"e.g. {reshaped[:3]}). Build the model with the checkpoint's own `model` config (its run folder's "
-            "config.yaml)."
+            f"init_from={init_from}: {problem}. Build the model with the checkpoint's own `model` config (its run "
+            "folder's config.yaml)."
         )
     model.load_state_dict(state)
     log.info("initialised the weights from %s", path)
+
+
+def check_resumable(model: pl.LightningModule, ckpt_path: str | Path) -> None:
+    """`ckpt_path`: the checkpoint's weights fit the model the config builds, checked before any training (the
+    strict load inside `Trainer.fit` names the keys, not the cause). The usual cause is a preset default that
+    changed since the run started; a checkpoint file is read mapped, so this costs no copy of its weights."""
+    checkpoint = upgrade_checkpoint(read_checkpoint(ckpt_path))
+    problem = weight_mismatch(model.state_dict(), checkpoint["state_dict"])
+    if problem:
+        raise ValueError(
+            f"ckpt_path={ckpt_path}: {problem}. Resume with the run's own model config (its run folder's config.yaml)."
+        )
 
 
 def repair_epoch_progress(checkpoint: dict[str, Any]) -> None:
