@@ -36,15 +36,15 @@ if [[ $SMOKE == 0 && -d .whl ]]; then
 fi
 export PYTHONPATH=$REPO/src:$REPO:${PYTHONPATH:-}
 
+GPU_ARGS=(--batch 32 --steps 10)  # without a GPU, bench/gpu.py checks them and prints SKIP (its --allow-cpu
+                                  # would train the SD-size model on the CPU: many minutes)
 if [[ $SMOKE == 1 ]]; then
-    GPU_ARGS=(--allow-cpu --quick)
     # Lightning runs FSDP on CUDA only; the CPU stand-in of the tests wraps the same way on gloo
     FSDP=(trainer=fsdp trainer.accelerator=cpu trainer.devices=1 trainer.precision=32-true
           trainer.strategy._target_=tests.fsdp_cpu.fsdp)
     FULLSIZE_ARGS=(--quick --work "$WORK/fullsize")
-    SCALE=4  # the time limits below are the GPU's; two CPU cores take longer over the toy sizes
+    SCALE=6  # the time limits below are the GPU's; two CPU cores take longer over the toy sizes
 else
-    GPU_ARGS=(--batch 32 --steps 10)
     FSDP=(trainer=fsdp trainer.devices=1)
     FULLSIZE_ARGS=(--steps 3 --device cuda --work "$WORK/fullsize")
     SCALE=1
