@@ -22,8 +22,9 @@ The ablations of docs/conditioning.md: `--canonical` (words, every caption in on
 (words from a fixed random table), `--pooled` (the condition's mean also added to the timestep embedding),
 `--connector embeddings|layer_mix` (the LLM's input embeddings alone, or a mix of its layers), `--out-norm`
 (a LayerNorm on the connector's output), `--lexical STD` (a learned table of token ids added to the LLM path,
-initialised N(0, STD²)), `--gate` (the LLM path × a learned gate from 0), and `--override KEY=VALUE ...` for the
-config (e.g. `model.unet.config.attention_head_dim=2`: diffusers reads it as the number of heads).
+initialised N(0, STD²); with `--connector refiner --lexical-in`, added before the refiner's blocks), `--gate`
+(the LLM path × a learned gate from 0), and `--override KEY=VALUE ...` for the config (e.g.
+`model.unet.config.attention_head_dim=2`: diffusers reads it as the number of heads).
 
 The last line compares the best accuracy reached with the default run's goal (0.9); its name says "oracle" for
 every condition, so that benchmarks' ratio lines keep one name.
@@ -125,9 +126,11 @@ class FrozenLLMStates(nn.Module):
         model, _ = load_checkpoint(checkpoint)
         self.llm = model.llm.eval().requires_grad_(False)
         self.lexical = None
+        self.lexical_in = False  # --lexical-in: the rows go in before the refiner's blocks (its width = `hidden`)
         if lexical:  # a learned table of the tokenizer's ids, added to the connector's output, initialised N(0, σ²)
             self.lexical = nn.Embedding(len(self.llm.tokenizer), width)
             nn.init.normal_(self.lexical.weight, std=lexical)
+        self.lexical_std = lexical
         self.kind, self.slots = connector, slots
         d = self.llm.hidden_size
         self.layers = (-1,)
@@ -148,6 +151,14 @@ class FrozenLLMStates(nn.Module):
             # all of them, → `slots` tokens
             self.connector = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, slots * width))
 
+    def lexical_before_blocks(self) -> None:
+        """--lexical-in: the table (as wide as the refiner) goes in before the refiner's blocks instead."""
+        if self.kind != "refiner" or self.lexical is None:
+            raise ValueError("--lexical-in needs --connector refiner and --lexical STD.")
+        self.lexical = nn.Embedding(len(self.llm.tokenizer), self.connector.proj_in.out_features)
+        nn.init.normal_(self.lexical.weight, std=self.lexical_std)
+        self.lexical_in = True
+
     def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         captions = ["" if c is None or (drop > 0 and float(torch.rand(())) < drop) else c for c in captions]
         with torch.no_grad():
@@ -159,12 +170,20 @@ class FrozenLLMStates(nn.Module):
             weights = text["mask"].unsqueeze(-1).to(text["hidden"].dtype)
             mean = (text["hidden"] * weights).sum(1) / weights.sum(1)
             return self.connector(mean).view(len(captions), self.slots, -1), None
-        cond = self.out_norm(self.connector(text["layers"], text["mask"])[0])
-        if self.gate is not None:
-            cond = cond * self.gate
+        rows = None
         if self.lexical is not None:
             ids, _ = self.llm.tokenize(captions, bos=True, eos=False)
-            cond = cond + self.lexical(ids)
+            rows = self.lexical(ids)
+        if self.lexical_in:  # the refiner's own layers, with the table's rows added before its blocks
+            r = self.connector
+            x = r.blocks(r.proj_in(r.norm_in(text["layers"][-1])) + rows, src_key_padding_mask=text["mask"] == 0)
+            cond = self.out_norm(r.proj_out(r.norm_out(x)))
+        else:
+            cond = self.out_norm(self.connector(text["layers"], text["mask"])[0])
+        if self.gate is not None:
+            cond = cond * self.gate
+        if rows is not None and not self.lexical_in:
+            cond = cond + rows
         return cond, text["mask"]
 
 
@@ -244,6 +263,8 @@ def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[li
         condition = FrozenLLMStates(
             args.llm_from, width, args.connector, out_norm=args.out_norm, lexical=args.lexical, gate=args.gate
         )
+        if args.lexical_in:
+            condition.lexical_before_blocks()
     else:
         condition = OracleCondition(width)
     params = [p for p in (*diffusion.unet.parameters(), *condition.parameters()) if p.requires_grad]
@@ -317,6 +338,9 @@ def main() -> None:
     p.add_argument(
         "--lexical", type=float, default=0.0, help="--condition llm: add a learned token table of this init std"
     )
+    p.add_argument("--lexical-in", action="store_true",
+                   help="--connector refiner: the table added to the refiner's input, before its bidirectional "
+                        "blocks, instead of to its output")  # fmt: skip
     p.add_argument("--gate", action="store_true", help="--condition llm: the connector's output × a gate from 0")
     p.add_argument("--canonical", action="store_true", help="--condition words: every caption in one template")
     p.add_argument(
