@@ -70,6 +70,20 @@ class AutoencoderModule(pl.LightningModule):
         return float(1.0 / torch.cat(latents).flatten().std())
 
 
+@torch.no_grad()
+def held_out_loss(module: AutoencoderModule, loader, batches: int = 16) -> float:
+    """The reconstruction loss over up to `batches` held-out batches (one batch is too few to tell a first stage
+    that lost the small objects' colour from one that did not)."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        pixels = as_unit(batch["pixels"].to(module.device))
+        total += float(module.losses(pixels)["rec_loss"]) * pixels.shape[0]
+        count += pixels.shape[0]
+    return total / max(1, count)
+
+
 def train_autoencoder(
     datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl_weight: float, accelerator: str = "cpu"
 ) -> Path:
@@ -104,9 +118,7 @@ def _train(datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl
     partial = partial_path(folder)
     shutil.rmtree(partial, ignore_errors=True)
     module.vae.save_pretrained(partial)
-    with torch.no_grad():
-        rec = module.losses(as_unit(next(iter(held_out))["pixels"]))
-    report = {"steps": max_steps, "scaling_factor": scaling, "val_rec_loss": float(rec["rec_loss"])}
+    report = {"steps": max_steps, "scaling_factor": scaling, "val_rec_loss": held_out_loss(module, held_out)}
     (partial / "capdiff_first_stage.json").write_text(json.dumps(report, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
