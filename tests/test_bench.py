@@ -20,6 +20,7 @@ RATIOS = {
     "conditioning": ["best connector / MLP generation probe accuracy"],
     "unet_ceiling": ["best oracle-conditioned probe accuracy / default-run goal"],
     "recipes": ["joint / text_gan probe attribute accuracy", "text_gan with / without median"],
+    "first_stage": ["worst seed's reconstructed colour / 0.95"],
     "ema": ["capdiff / fastest diffusers update time", "capdiff / diffusers-foreach memory added per update"],
     "fullsize": [
         "train peak RSS / (weights + grads + AdamW + EMA)",

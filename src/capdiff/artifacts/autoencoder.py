@@ -85,14 +85,21 @@ def held_out_loss(module: AutoencoderModule, loader, batches: int = 16) -> float
 
 
 def train_autoencoder(
-    datamodule, folder: Path, config: dict, max_steps: int, lr: float, kl_weight: float, accelerator: str = "cpu"
+    datamodule,
+    folder: Path,
+    config: dict,
+    max_steps: int,
+    lr: float,
+    kl_weight: float,
+    accelerator: str = "cpu",
+    seed: int = 0,
 ) -> Path:
     """Train, measure the scaling factor, save in diffusers format at `folder` (written whole, then renamed).
 
-    Seeded on its own, without touching the caller's random state: the cached first stage is the same whatever
-    ran before it in the process (a session's tests, the run's seed)."""
+    Seeded on its own (`seed`), without touching the caller's random state: the cached first stage is the same
+    whatever ran before it in the process (a session's tests, the run's seed)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return _train(datamodule, folder, config, max_steps, lr, kl_weight, accelerator)
 
 
