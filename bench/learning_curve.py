@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, max_time
+from common import FAST_AUTOENCODER, REPO, max_time
 
 CURVES = {"peval/caption_attr/mean": "captions", "peval/probe_attr/mean": "generations"}
 THRESHOLDS = (0.9, 0.95)
@@ -87,6 +87,8 @@ def main() -> None:
     if args.quick and args.data_dir:
         args.work = args.data_dir / "bench-learning-curve"  # the real runs' folder kept
     common = ["extras.print_config=false"] + ([f"paths.data_dir={args.data_dir}"] if args.data_dir else [])
+    if args.quick:
+        common += FAST_AUTOENCODER  # it checks the benchmark runs: a short first stage will do
     shutil.rmtree(args.work, ignore_errors=True)
     warmup = [f"hydra.run.dir={args.work / 'warmup'}", "trainer.max_steps=1", "callbacks.sample_grid=null",
               "callbacks.periodic_eval=null"]  # fmt: skip
