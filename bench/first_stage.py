@@ -11,8 +11,7 @@ then encodes and decodes the 512 validation images (the posterior's mode) and re
     python bench/first_stage.py --steps 1600 --seeds 0 1 2 3 --lr 0.001
 
 The ratio line is the worst seed's colour accuracy at the preset's `max_steps` (or the most steps measured),
-against 0.95: the first stage
-the default run trains should reconstruct the object's colour whatever the seed.
+against 0.95: the first stage the default run trains should reconstruct the object's colour whatever the seed.
 """
 
 from __future__ import annotations
@@ -24,22 +23,22 @@ import torch
 from common import QUICK_DATA, REPO, compose, console, parser, ratio_line, show
 from omegaconf import OmegaConf
 
-ATTRS = ("shape", "color", "size", "position", "background")
-
 
 def reconstruct(folder, images: torch.Tensor, batch: int = 128) -> tuple[torch.Tensor, float]:
     """uint8 images through the autoencoder at `folder` (encode, the posterior's mode, decode): the uint8
     reconstructions and the reconstruction loss (L1 + MSE on [-1, 1], as the first stage trains)."""
     from diffusers import AutoencoderKL
 
+    from capdiff.data.transforms import as_unit, unit_to_uint8
+
     vae = AutoencoderKL.from_pretrained(folder).eval()
-    x = images.float() / 127.5 - 1
+    x = as_unit(images)
     with torch.no_grad():
         out = torch.cat(
             [vae.decode(vae.encode(x[i : i + batch]).latent_dist.mode()).sample for i in range(0, len(x), batch)]
         )
     loss = float(torch.nn.functional.l1_loss(out, x) + torch.nn.functional.mse_loss(out, x))
-    return ((out.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), loss
+    return unit_to_uint8(out), loss
 
 
 def main() -> None:
@@ -53,7 +52,7 @@ def main() -> None:
         args.steps, args.seeds = [4], [0]
 
     from capdiff.artifacts.autoencoder import train_autoencoder
-    from capdiff.evaluation.shapes import attribute_accuracy, load_probe, probe_folder, read_split
+    from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, probe_folder, read_split
     from capdiff.train import build_datamodule
 
     cfg = compose(QUICK_DATA if args.quick else [], args.data_dir)
@@ -67,7 +66,7 @@ def main() -> None:
 
     rows, colour = [], {}
     real = attribute_accuracy(probe.predict(images), attributes)
-    rows.append(["validation images", "", "", "", "", *(f"{real[a]:.3f}" for a in (*ATTRS, "mean"))])
+    rows.append(["validation images", "", "", "", "", *(f"{real[a]:.3f}" for a in (*ATTRIBUTES, "mean"))])
     for steps in args.steps:
         for seed in args.seeds:
             folder = work / f"steps{steps}-lr{lr:g}-seed{seed}"
@@ -79,11 +78,11 @@ def main() -> None:
             scores = attribute_accuracy(probe.predict(reconstructions), attributes)
             colour.setdefault(steps, []).append(scores["color"])
             rows.append([f"first stage, {steps} steps", f"{lr:g}", str(seed), f"{seconds:.0f}", f"{loss:.4f}",
-                         *(f"{scores[a]:.3f}" for a in (*ATTRS, "mean"))])  # fmt: skip
+                         *(f"{scores[a]:.3f}" for a in (*ATTRIBUTES, "mean"))])  # fmt: skip
             console.print(" | ".join(rows[-1]))
     show(
         f"the shapes probe on {len(images)} validation images and on their reconstructions",
-        ["images", "lr", "seed", "train s", "rec loss", *ATTRS, "mean"],
+        ["images", "lr", "seed", "train s", "rec loss", *ATTRIBUTES, "mean"],
         rows,
     )
     measured = int(stage["max_steps"]) if int(stage["max_steps"]) in colour else max(colour)

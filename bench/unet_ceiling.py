@@ -114,6 +114,7 @@ class FrozenLLMStates(nn.Module):
         out_norm: bool = False,
         lexical: float = 0.0,
         gate: bool = False,
+        lexical_in: bool = False,
     ) -> None:
         super().__init__()
         self.gate = nn.Parameter(torch.zeros(())) if gate else None  # the LLM path × gate, which starts at 0
@@ -125,12 +126,13 @@ class FrozenLLMStates(nn.Module):
 
         model, _ = load_checkpoint(checkpoint)
         self.llm = model.llm.eval().requires_grad_(False)
+        if lexical_in and (connector != "refiner" or not lexical):
+            raise ValueError("--lexical-in needs --connector refiner and --lexical STD.")
         self.lexical = None
-        self.lexical_in = False  # --lexical-in: the rows go in before the refiner's blocks (its width = `hidden`)
+        self.lexical_in = lexical_in  # the rows go in before the refiner's blocks, as wide as it (`hidden`)
         if lexical:  # a learned table of the tokenizer's ids, added to the connector's output, initialised N(0, σ²)
-            self.lexical = nn.Embedding(len(self.llm.tokenizer), width)
+            self.lexical = nn.Embedding(len(self.llm.tokenizer), hidden if lexical_in else width)
             nn.init.normal_(self.lexical.weight, std=lexical)
-        self.lexical_std = lexical
         self.kind, self.slots = connector, slots
         d = self.llm.hidden_size
         self.layers = (-1,)
@@ -150,14 +152,6 @@ class FrozenLLMStates(nn.Module):
         else:  # slots / mean: the last real token's state (it has read the whole caption), or the masked mean of
             # all of them, → `slots` tokens
             self.connector = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, slots * width))
-
-    def lexical_before_blocks(self) -> None:
-        """--lexical-in: the table (as wide as the refiner) goes in before the refiner's blocks instead."""
-        if self.kind != "refiner" or self.lexical is None:
-            raise ValueError("--lexical-in needs --connector refiner and --lexical STD.")
-        self.lexical = nn.Embedding(len(self.llm.tokenizer), self.connector.proj_in.out_features)
-        nn.init.normal_(self.lexical.weight, std=self.lexical_std)
-        self.lexical_in = True
 
     def forward(self, captions: list[str | None], drop: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         captions = ["" if c is None or (drop > 0 and float(torch.rand(())) < drop) else c for c in captions]
@@ -261,10 +255,9 @@ def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[li
         condition.embed.requires_grad_(not args.frozen_words)
     elif args.condition == "llm":
         condition = FrozenLLMStates(
-            args.llm_from, width, args.connector, out_norm=args.out_norm, lexical=args.lexical, gate=args.gate
-        )
-        if args.lexical_in:
-            condition.lexical_before_blocks()
+            args.llm_from, width, args.connector, out_norm=args.out_norm, lexical=args.lexical, gate=args.gate,
+            lexical_in=args.lexical_in,
+        )  # fmt: skip
     else:
         condition = OracleCondition(width)
     params = [p for p in (*diffusion.unet.parameters(), *condition.parameters()) if p.requires_grad]
