@@ -45,7 +45,8 @@ REGIMES = {
 def arm_overrides(arm: str, args: argparse.Namespace) -> list[str]:
     base = [
         "extras.print_config=false", "data.shapes.holdout=true", f"trainer.max_time={max_time(args.minutes)}",
-        f"trainer.max_epochs={args.epochs}", "callbacks.periodic_eval=null", "callbacks.sample_grid=null",
+        f"trainer.max_epochs={args.epochs}", "trainer.min_epochs=0",  # the clock stops an arm, even in its first epoch
+        "callbacks.periodic_eval=null", "callbacks.sample_grid=null",
         f"model/conditioner/connector={arm}", f"model.conditioner.lexical={str(args.lexical).lower()}",
         *REGIMES[args.regime],
     ]  # fmt: skip
