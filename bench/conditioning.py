@@ -135,7 +135,9 @@ def score_checkpoint(folder: Path, args: argparse.Namespace, data) -> dict:
         generated = []
         for start in range(0, len(index), 64):
             chunk = index[start : start + 64]
-            pixels = pipe.model.generate([prompts[i] for i in chunk], steps=25, guidance_scale=4.0, seeds=chunk)
+            pixels = pipe.model.generate(
+                [prompts[i] for i in chunk], steps=25, guidance_scale=4.0, seeds=chunk, sampler="ddim"
+            )
             generated.append(unit_to_uint8(pixels))
         predicted = probe.predict(torch.cat(generated))
         result[split] = accuracy(predicted, [attributes[i] for i in index])
@@ -156,7 +158,7 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
 
     from capdiff.data.transforms import unit_to_uint8
     from capdiff.joint.spec import Optim, parse
-    from capdiff.sampling import ddim_sample
+    from capdiff.sampling import sample
     from capdiff.train import build_datamodule, build_model
     from capdiff.training.optimization import group_lr
 
@@ -186,7 +188,9 @@ def oracle_run(folder: Path, args: argparse.Namespace) -> None:
         for split, index in splits.items():
             truth = [attributes[i] for i in index]
             null = condition.tokens([None] * len(truth))
-            latents = ddim_sample(diffusion, condition.tokens(truth), None, null, None, steps=25, seeds=index)
+            latents = sample(
+                diffusion, condition.tokens(truth), None, null, None, steps=25, seeds=index, sampler="ddim"
+            )
             result[split] = accuracy(probe.predict(unit_to_uint8(diffusion.decode(latents))), truth)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scores.json").write_text(json.dumps(result, indent=1))

@@ -1,11 +1,13 @@
-"""Sampling: capdiff's DDIM loop (`capdiff.sampling.ddim_sample`) vs diffusers' own StableDiffusionPipeline
-loop over the same UNet, DDIM scheduler, steps, guidance scale, conditions and starting noise.
+"""Sampling: capdiff's loop (`capdiff.sampling.sample`) vs diffusers' own StableDiffusionPipeline loop over the
+same UNet, scheduler (the default sampler unless `--sampler` names another), steps, guidance scale, conditions and
+starting noise.
 
 The tiny preset's UNet (random weights) and its sampling scheduler; the pipeline gets the conditions as
 `prompt_embeds` and returns latents, so both sides time the same denoising loop. The two outputs must agree
 (printed), or the comparison would mean nothing. Goal ≥ 1.0× (capdiff's images/s over the pipeline's).
+Which sampler and how many steps: bench/samplers.py.
 
-    python bench/sampling.py [--rounds 5] [--steps 25] [--batch 8]
+    python bench/sampling.py [--rounds 5] [--sampler ddim] [--steps 25] [--batch 8]
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from common import compose, interleaved, median, parser, ratio_line, show, sprea
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from capdiff.models.diffusion import LatentDiffusion
-from capdiff.sampling import ddim_sample
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from capdiff.sampling import sample
 
 
 def main() -> None:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", type=check_sampler, default=DEFAULT_SAMPLER)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--guidance-scale", type=float, default=4.0)
     args = p.parse_args()
@@ -30,12 +34,13 @@ def main() -> None:
     size = 16  # the tiny preset's latent side at data.image_size=32 (a ÷2 first stage)
     unet = UNet2DConditionModel(**model.unet.config, sample_size=size).eval()
     diffusion = LatentDiffusion(unet, vae=torch.nn.Identity(), latent_size=size, **model.diffusion)
-    scheduler = diffusion.sampling_scheduler()
+    scheduler = diffusion.sampling_scheduler(args.sampler)
     width = unet.config.cross_attention_dim
     cond, uncond = torch.randn(args.batch, 20, width), torch.randn(args.batch, 20, width)
     noise = torch.stack(
         [torch.randn(4, size, size, generator=torch.Generator().manual_seed(i)) for i in range(args.batch)]
     )
+    start = noise * scheduler.init_noise_sigma  # what the pipeline starts from, given `noise`
 
     pipe = StableDiffusionPipeline(
         vae=None,
@@ -50,9 +55,10 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     def capdiff() -> torch.Tensor:
-        return ddim_sample(
-            diffusion, cond, None, uncond, None, steps, args.guidance_scale, latents=noise, guidance_rescale=0.0
-        )
+        return sample(
+            diffusion, cond, None, uncond, None, steps, args.guidance_scale, latents=start, guidance_rescale=0.0,
+            sampler=args.sampler,
+        )  # fmt: skip
 
     def diffusers() -> torch.Tensor:
         return pipe(
@@ -68,14 +74,15 @@ def main() -> None:
 
     with torch.inference_mode():
         difference = (capdiff() - diffusers()).abs().max().item()
-        results = interleaved({"capdiff ddim_sample": capdiff, "diffusers StableDiffusionPipeline": diffusers}, rounds)
+        results = interleaved({"capdiff sample": capdiff, "diffusers StableDiffusionPipeline": diffusers}, rounds)
+    settings = f"{args.sampler}, {steps} steps, guidance {args.guidance_scale}, batch {args.batch}"
     show(
-        f"DDIM, {steps} steps, guidance {args.guidance_scale}, batch {args.batch}, tiny UNet, {rounds} rounds",
+        f"{settings}, tiny UNet, {rounds} rounds",
         ["sampler", "ms per batch: median (range)", "images/s"],
         [[k, spread(v), f"{args.batch / median(v):.1f}"] for k, v in results.items()],
     )
     print(f"max |capdiff - diffusers| over the final latents: {difference:.2e}")
-    ratio = median(results["diffusers StableDiffusionPipeline"]) / median(results["capdiff ddim_sample"])
+    ratio = median(results["diffusers StableDiffusionPipeline"]) / median(results["capdiff sample"])
     ratio_line("capdiff/diffusers sampling images/s", ratio, 1.0)
 
 

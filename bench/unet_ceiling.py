@@ -45,7 +45,7 @@ from capdiff.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, T
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import attribute_accuracy, load_probe, parse_caption, probe_folder, read_split
 from capdiff.joint.spec import Optim, parse
-from capdiff.sampling import ddim_sample
+from capdiff.sampling import sample
 from capdiff.train import build_datamodule, build_model
 from capdiff.training.optimization import group_lr
 
@@ -274,7 +274,7 @@ def study(args, batch_size: int, probe, val_captions, val_attributes) -> list[li
                 pad = cond.shape[1] - null.shape[1]
                 null = torch.nn.functional.pad(null, (0, 0, 0, pad))
                 null_mask = torch.nn.functional.pad(null_mask, (0, pad))
-            latents = ddim_sample(diffusion, cond, mask, null, null_mask, steps=25, seed=0)
+            latents = sample(diffusion, cond, mask, null, null_mask, steps=25, seed=0, sampler="ddim")
             images = unit_to_uint8(diffusion.decode(latents))
         diffusion.train()
         return attribute_accuracy(probe.predict(images), val_attributes)

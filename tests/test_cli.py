@@ -43,7 +43,8 @@ def runs(trained_checkpoint: Path, inputs: dict[str, Path], tmp_path_factory: py
             "caption", "--ckpt", ckpt, inputs["red"], inputs["blue"], "--max-new-tokens", "8", "--device", "cpu"
         ),
         "generate": capdiff(
-            "generate", "--ckpt", ckpt, "a red circle", "-n", "2", "--steps", "2", "--seed", "7", "--out", out / "gen"
+            *("generate", "--ckpt", ckpt, "a red circle", "-n", "2", "--steps", "2", "--seed", "7"),
+            *("--sampler", "dpmpp_2m", "--out", out / "gen"),
         ),
         "edit": capdiff(
             *("edit", "--ckpt", ckpt, inputs["red"], "a green circle", "--strength", "0.5", "--steps", "2"),
@@ -123,6 +124,8 @@ def test_a_missing_checkpoint_is_a_one_line_error_naming_ckpt(tmp_path: Path, in
         (["caption", "--ckpt", "{ckpt}", "{file}", "{broken}"], "IMG {broken}: cannot read it as an image"),
         (["caption", "--ckpt", "{ckpt}", "{folder}/none.png"], "IMG {folder}/none.png: no such file"),
         (["edit", "--ckpt", "{ckpt}", "{file}", "x", "--out", "{file}/sub"], "--out {file}/sub: cannot make"),
+        (["generate", "--ckpt", "{ckpt}", "x", "--sampler", "heun"], "--sampler heun: cannot sample this model"),
+        (["edit", "--ckpt", "{ckpt}", "{file}", "x", "--sampler", "euler"], "--sampler euler: inversion editing"),
     ],
 )
 def test_bad_arguments_are_one_line_errors_with_exit_status_2(
@@ -137,3 +140,11 @@ def test_bad_arguments_are_one_line_errors_with_exit_status_2(
     (line,) = err.splitlines()
     assert message.format(**names) in line and "; pass " in line
     assert out == ""  # checked before any work: not even the good image's caption
+
+
+def test_an_unknown_sampler_is_refused_by_the_argument_parser(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--ckpt", "x.ckpt", "a prompt", "--sampler", "dpm++"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --sampler: 'dpm++' is not a sampler; use one of ddim, ddpm" in err

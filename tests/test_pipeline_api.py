@@ -37,17 +37,17 @@ def test_caption_generate_and_edit_from_a_checkpoint(trained_checkpoint: Path) -
 
 def test_ddim_inversion_reconstructs_its_input(trained_checkpoint: Path) -> None:
     """Latents sampled under a prompt, inverted under it, sampled again without guidance: they come back."""
-    from capdiff.sampling import ddim_invert, ddim_sample
+    from capdiff.sampling import ddim_invert, sample
 
     model = Pipeline.from_checkpoint(trained_checkpoint).model
     prompt = "a small red circle in the top left on a blue background"
     cond = model.condition([prompt])
     uncond, uncond_mask = model.empty_condition(cond["cond"].shape[1], 1)
     args = (model.diffusion, cond["cond"], cond["cond_mask"], uncond, uncond_mask)
-    latents = ddim_sample(*args, steps=50, guidance_scale=1.0, seeds=[3])
+    latents = sample(*args, steps=50, guidance_scale=1.0, seeds=[3])
     noise = ddim_invert(model.diffusion, latents, cond["cond"], cond["cond_mask"], steps=50)
-    rebuilt = ddim_sample(*args, steps=50, guidance_scale=1.0, latents=noise)
-    other = ddim_sample(*args, steps=50, guidance_scale=1.0, seeds=[4])
+    rebuilt = sample(*args, steps=50, guidance_scale=1.0, latents=noise)
+    other = sample(*args, steps=50, guidance_scale=1.0, seeds=[4])
     error = (rebuilt - latents).square().mean().item()
     baseline = (other - latents).square().mean().item()
     print(f"inversion: mse {error:.3g} vs {baseline:.3g} for another seed")

@@ -19,20 +19,25 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
 import gradio as gr
 
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, usable_samplers
+
 if TYPE_CHECKING:
     from PIL import Image
 
     from capdiff.pipeline import Pipeline
 
 HOST = "127.0.0.1"
-DEFAULT_STEPS = 50
 MAX_IMAGES = 8
 INVERSION, SDEDIT = "DDIM inversion", "SDEdit"
 
 
-def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
-    """The page for `pipe`; `steps` is the sliders' initial number of DDIM steps. Tabs whose part the model
-    lacks (a model trained without the captioner or the UNet) say so instead of failing."""
+def build(pipe: Pipeline, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER) -> gr.Blocks:
+    """The page for `pipe`; `steps` and `sampler` are the controls' initial sampler settings (the edit tab's
+    sampler is SDEdit's: inversion is DDIM). Tabs whose part the model lacks (a model trained without the
+    captioner or the UNet) say so instead of failing."""
+    diffusion = getattr(pipe.model, "diffusion", None)
+    zero_snr = diffusion is not None and diffusion.zero_terminal_snr
+    samplers = list(dict.fromkeys([check_sampler(sampler, "sampler", zero_snr), *usable_samplers(zero_snr)]))
     lock = threading.Lock()  # Gradio runs events in worker threads; the model runs one request at a time
     # Uploads keep their own mode (image_mode=None): the Pipeline composites transparency on white, as training
     # decodes shard images, where Gradio's default RGB conversion would drop the alpha channel.
@@ -46,16 +51,25 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
         with lock:
             return pipe.caption([image], num_beams=int(num_beams))[0]
 
-    def generate(prompt: str, count: int, steps: int, guidance_scale: float, seed: int) -> list[Image.Image]:
+    def generate(
+        prompt: str, count: int, sampler: str, steps: int, guidance_scale: float, seed: int
+    ) -> list[Image.Image]:
         if not prompt.strip():
             raise gr.Error("Write a prompt first.")
         with lock:
             return pipe.generate(
-                [prompt] * int(count), steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed or 0)
-            )
+                [prompt] * int(count), steps=int(steps), guidance_scale=float(guidance_scale), seed=int(seed or 0),
+                sampler=sampler,
+            )  # fmt: skip
 
     def edit(
-        image: Image.Image | None, prompt: str, method: str, strength: float, steps: int, guidance_scale: float
+        image: Image.Image | None,
+        prompt: str,
+        method: str,
+        strength: float,
+        sampler: str,
+        steps: int,
+        guidance_scale: float,
     ) -> Image.Image:
         if image is None:
             raise gr.Error("Upload an image first.")
@@ -70,11 +84,13 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
                 steps=int(steps),
                 guidance_scale=float(guidance_scale),
                 strength=float(strength) if method == SDEDIT else None,
+                sampler=sampler if method == SDEDIT else None,
             )
 
-    def sampling_sliders() -> tuple[gr.Slider, gr.Slider]:
+    def sampling_controls(label: str) -> tuple[gr.Dropdown, gr.Slider, gr.Slider]:
         return (
-            gr.Slider(1, 200, value=steps, step=1, label="DDIM steps"),
+            gr.Dropdown(samplers, value=samplers[0], label=label),
+            gr.Slider(1, 200, value=steps, step=1, label="Steps"),
             gr.Slider(1, 12, value=4.0, step=0.5, label="Guidance scale"),
         )
 
@@ -103,12 +119,13 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
                     with gr.Column():
                         prompt = gr.Textbox(label="Prompt", elem_id="generate-prompt")
                         count = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Images")
-                        steps_slider, guidance = sampling_sliders()
+                        chosen, steps_slider, guidance = sampling_controls("Sampler")
                         seed = gr.Number(0, precision=0, label="Seed (image i uses seed + i)")
                         run = gr.Button("Generate", variant="primary", elem_id="generate-run")
                     gallery = gr.Gallery(label="Images", columns=4, elem_id="generate-gallery")
-                run.click(generate, [prompt, count, steps_slider, guidance, seed], gallery)
-                prompt.submit(generate, [prompt, count, steps_slider, guidance, seed], gallery)
+                inputs = [prompt, count, chosen, steps_slider, guidance, seed]
+                run.click(generate, inputs, gallery)
+                prompt.submit(generate, inputs, gallery)
             else:
                 gr.Markdown("This model has no image generator (`model.loss.weights.diffusion=0`).")
         with gr.Tab("Edit", elem_id="edit-tab"):
@@ -129,10 +146,10 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
                             label="Method (inversion: under the model's caption of the image)",
                         )
                         strength = gr.Slider(0.05, 1, value=0.6, step=0.05, label="SDEdit strength (lower keeps more)")
-                        steps_slider, guidance = sampling_sliders()
+                        chosen, steps_slider, guidance = sampling_controls("SDEdit sampler (inversion is DDIM)")
                         run = gr.Button("Edit", variant="primary", elem_id="edit-run")
                     edited = gr.Image(type="pil", label="Edited", interactive=False, elem_id="edit-result")
-                run.click(edit, [original, target, method, strength, steps_slider, guidance], edited)
+                run.click(edit, [original, target, method, strength, chosen, steps_slider, guidance], edited)
             else:
                 gr.Markdown(
                     "Editing needs a latent diffusion UNet (a model trained with "
@@ -141,11 +158,13 @@ def build(pipe: Pipeline, steps: int = DEFAULT_STEPS) -> gr.Blocks:
     return page
 
 
-def launch(pipe: Pipeline, port: int = 7860, block: bool = True, steps: int = DEFAULT_STEPS) -> gr.Blocks:
+def launch(
+    pipe: Pipeline, port: int = 7860, block: bool = True, steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER
+) -> gr.Blocks:
     """Serve `build(pipe)` on http://127.0.0.1:`port`. With `block`, until interrupted (then closed); without,
     returns the running page at once (`page.local_url`; stop it with `page.close()`). An OSError when the port
     is taken."""
-    page = build(pipe, steps=steps)
+    page = build(pipe, steps=steps, sampler=sampler)
     page.queue(default_concurrency_limit=1)
     page.launch(
         server_name=HOST,

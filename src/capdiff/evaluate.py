@@ -25,6 +25,7 @@ from capdiff.evaluation.shapes import PROBE_VERSION, load_probe, probe_folder
 from capdiff.evaluation.validation import ValidationLosses
 from capdiff.loggers import link_to_training, log_eval_tables, run_loggers
 from capdiff.quiet import quiet_known_warnings
+from capdiff.samplers import DEFAULT_SAMPLER, check_sampler
 from capdiff.train import instantiate_data, prepare_datamodule
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def settings_from(cfg: DictConfig) -> EvalSettings:
     caption = {k: v for k, v in OmegaConf.to_container(ev.caption, resolve=True).items() if v is not None}
     return EvalSettings(
         num_samples=ev.num_samples,
+        sampler=check_sampler(ev.get("sampler", DEFAULT_SAMPLER), "eval.sampler"),
         steps=int(ev.steps),
         eta=float(ev.eta),
         guidance_scales=[float(g) for g in scales],
@@ -221,6 +223,8 @@ def evaluate(cfg: DictConfig) -> dict:
     path = check_checkpoint(cfg)
     settings = settings_from(cfg)  # a bad prompts file fails here, before any work
     checkpoint = read_checkpoint(path)  # memory-mapped: the run record and hyperparameters, no weights read
+    diffusion = checkpoint["hyper_parameters"].get("diffusion") or {}
+    check_sampler(settings.sampler, "eval.sampler", bool(diffusion.get("zero_terminal_snr")))  # this model's
     run = read_run(checkpoint)
     follow_run(cfg, run, int(checkpoint["hyper_parameters"].get("image_size", 32)), explicit_data_keys())
     link_to_training(cfg, (run or {}).get("wandb"))
@@ -253,6 +257,7 @@ def evaluate(cfg: DictConfig) -> dict:
                 "ema": used_ema,
                 "num_samples": settings.num_samples,
                 "prompts": cfg.eval.get("prompts") or "validation captions",
+                "sampler": settings.sampler,
                 "steps": settings.steps,
                 "eta": settings.eta,
                 "guidance_scales": settings.guidance_scales,

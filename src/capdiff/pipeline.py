@@ -17,6 +17,7 @@ from PIL import Image
 
 from capdiff.checkpoints.portable import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from capdiff.sampling import ddim_invert
 
 ImageLike = Image.Image | torch.Tensor
@@ -77,16 +78,20 @@ class Pipeline:
     def generate(
         self,
         prompts: str | Sequence[str],
-        steps: int = 50,
+        steps: int = DEFAULT_STEPS,
         guidance_scale: float = 4.0,
         eta: float = 0.0,
         seed: int = 0,
         batch_size: int = 32,
         postprocess: Callable[[torch.Tensor], torch.Tensor] | Sequence | None = None,
+        sampler: str = DEFAULT_SAMPLER,
     ) -> list[Image.Image]:
-        """One image per prompt; prompt i starts from the noise of `seed + i`. `postprocess`: a
-        `capdiff.postprocess` chain (`build_chain(...)`, with a reference for its colour step) or a list of
-        steps such as `["median", {"name": "sharpen", "amount": 0.5}]`, applied to every image."""
+        """One image per prompt; prompt i starts from the noise of `seed + i`. `sampler`: a short name such as
+        `ddim`, `dpmpp_2m`, `unipc`, `euler_a` or a diffusers scheduler class name (`capdiff.samplers`), with
+        `steps` steps. `postprocess`: a `capdiff.postprocess` chain (`build_chain(...)`, with a reference for its
+        colour step) or a list of steps such as `["median", {"name": "sharpen", "amount": 0.5}]`, applied to
+        every image."""
+        check_sampler(sampler)
         if postprocess is not None and not callable(postprocess):
             from capdiff.postprocess import build_chain
 
@@ -96,7 +101,9 @@ class Pipeline:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             seeds = [seed + start + i for i in range(len(chunk))]
-            pixels = self.model.generate(chunk, steps=steps, guidance_scale=guidance_scale, eta=eta, seeds=seeds)
+            pixels = self.model.generate(
+                chunk, steps=steps, guidance_scale=guidance_scale, eta=eta, seeds=seeds, sampler=sampler
+            )
             out += to_pil(postprocess(pixels) if postprocess is not None else pixels)
         return out
 
@@ -117,23 +124,35 @@ class Pipeline:
         guidance_scale: float = 4.0,
         strength: float | None = None,
         seed: int = 0,
+        sampler: str | None = None,
     ) -> Image.Image:
         """`image` changed to match `prompt`.
 
         Default: DDIM-invert the image under `source_prompt` (the model's own caption of it when not given),
-        then regenerate from that noise under `prompt`. With `strength` in (0, 1]: SDEdit instead, noising
-        the image to that share of the schedule and denoising under `prompt` (lower keeps more of the image).
+        then regenerate from that noise under `prompt`, by DDIM: the noise inversion finds is the one the DDIM
+        update maps back to the image, not another solver's. With `strength` in (0, 1]: SDEdit instead, noising
+        the image to that share of the schedule and denoising under `prompt` (lower keeps more of the image) by
+        `sampler` (default: the default sampler).
         """
         if strength is not None:
+            sampler = check_sampler(sampler or DEFAULT_SAMPLER)
             latents = self.model.diffusion.encode(self.pixels(image), sample=False)
             pixels = self.model.generate(
-                [prompt], steps=steps, guidance_scale=guidance_scale, seeds=[seed], latents=latents, strength=strength
-            )
+                [prompt], steps=steps, guidance_scale=guidance_scale, seeds=[seed], latents=latents,
+                strength=strength, sampler=sampler,
+            )  # fmt: skip
             return to_pil(pixels)[0]
+        if sampler not in (None, "ddim", "DDIMScheduler"):
+            raise ValueError(
+                f"sampler={sampler!r}: inversion editing regenerates by DDIM, from the noise DDIM inversion found; "
+                "pass strength= for SDEdit with another sampler, or leave sampler out."
+            )
         if source_prompt is None:
             source_prompt = self.caption(image)[0]
         noise = self.invert(image, source_prompt, steps=steps)
-        pixels = self.model.generate([prompt], steps=steps, guidance_scale=guidance_scale, latents=noise)
+        pixels = self.model.generate(
+            [prompt], steps=steps, guidance_scale=guidance_scale, latents=noise, sampler="ddim"
+        )
         return to_pil(pixels)[0]
 
 

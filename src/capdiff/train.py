@@ -21,6 +21,7 @@ from capdiff.config import apply_extras, is_multirun, save_resolved_config
 from capdiff.data import ImageTextDataModule
 from capdiff.loggers import run_loggers
 from capdiff.quiet import quiet_known_warnings
+from capdiff.samplers import check_sampler
 from capdiff.slurm import Requeue
 from capdiff.summary import print_run_summary
 from capdiff.training.nonfinite import NonFiniteGuard
@@ -66,6 +67,14 @@ def check_config(cfg: DictConfig) -> None:
     known, every pretrained part is found (hub cache, download or folder) and the parts' sizes fit together,
     from their config files alone."""
     hydra.utils.get_class(cfg.model._target_).check_config(OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def check_samplers(cfg: DictConfig) -> None:
+    """Every callback's `sampler` names a sampler that can sample this model, before any work."""
+    zero_snr = bool(OmegaConf.select(cfg, "model.diffusion.zero_terminal_snr", default=False))
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node and "sampler" in node:
+            check_sampler(node.sampler, f"callbacks.{name}.sampler", zero_snr)
 
 
 def model_config(cfg: DictConfig, derived: DerivedParts) -> DictConfig:
@@ -147,6 +156,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             "(Hydra's quotes inside the shell's), or a weighted mixture in data.sources."
         )
     record = RunRecord(cfg)  # the run's config as given, before the derived parts are filled in
+    check_samplers(cfg)
     if cfg.get("stage") != "autoencoder":
         check_config(cfg)
     datamodule = prepare_datamodule(datamodule)

@@ -39,10 +39,12 @@ from capdiff.cli.inputs import (
     positive_int,
     read_image,
     require,
+    sampler,
     strength,
 )
 from capdiff.recaption.command import DESCRIPTION as RECAPTION_DESCRIPTION
 from capdiff.recaption.command import add_arguments as add_recaption_arguments
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 # Everything capdiff.cli offered when it was one module, so that imports of it keep working.
 __all__ = [
@@ -128,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--num-images", metavar="N", type=positive_int, default=1, help="images per prompt (default 1)"
     )
     _out_option(generate)
-    _sampling_options(generate)
+    _sampling_options(generate, DEFAULT_STEPS, DEFAULT_SAMPLER, f"the sampler (default {DEFAULT_SAMPLER})")
     generate.add_argument(
         "--batch-size", metavar="N", type=positive_int, default=8, help="images per sampling batch (default 8)"
     )
@@ -157,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-prompt", metavar="TEXT", default=None, help="what the image shows (default: the model's caption)"
     )
     _out_option(edit)
-    _sampling_options(edit)
+    _sampling_options(edit, 50, None, "SDEdit's sampler (default: the default sampler); inversion is DDIM")
     _device_option(edit)
     edit.set_defaults(run=run_edit)
 
@@ -182,9 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("checkpoint", metavar="CKPT", help="a .ckpt written by train.py, or a `capdiff export` folder")
     demo.add_argument("--port", metavar="N", type=port, default=7860, help="the port on 127.0.0.1 (default 7860)")
-    demo.add_argument(
-        "--steps", metavar="N", type=positive_int, default=50, help="the page's initial DDIM steps (default 50)"
-    )
+    _sampling_options(demo, DEFAULT_STEPS, DEFAULT_SAMPLER, "the page's initial sampler", guidance=False)
     _device_option(demo)
     demo.set_defaults(run=run_demo)
 
@@ -211,8 +211,18 @@ def _out_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--steps", metavar="N", type=positive_int, default=50, help="DDIM steps (default 50)")
+def _sampling_options(
+    parser: argparse.ArgumentParser, steps: int, default: str | None, about: str, guidance: bool = True
+) -> None:
+    parser.add_argument(
+        "--sampler", metavar="NAME", type=sampler, default=default,
+        help=f"{about}: ddim, dpmpp_2m, unipc, euler, euler_a, ... or a diffusers scheduler class name",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", metavar="N", type=positive_int, default=steps, help=f"sampler steps (default {steps})"
+    )
+    if not guidance:
+        return
     parser.add_argument(
         "--guidance-scale",
         metavar="G",

@@ -8,7 +8,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from capdiff.cli.inputs import UsageError, checked_checkpoint, load_pipeline, out_folder, read_image, require
+from capdiff.cli.inputs import (
+    UsageError,
+    checked_checkpoint,
+    load_pipeline,
+    out_folder,
+    read_image,
+    require,
+    require_sampler,
+)
 
 
 @contextmanager
@@ -48,12 +56,19 @@ def run_generate(args: argparse.Namespace) -> None:
     folder = out_folder(args.out)
     pipe = load_pipeline(ckpt, args.device)
     require(pipe, "generate", args.ckpt)
+    require_sampler(pipe, args.sampler)
     prompts = [prompt for prompt in args.prompts for _ in range(args.num_images)]
     with progress("generating", len(prompts)) as advance:
         for start in range(0, len(prompts), args.batch_size):
             chunk = prompts[start : start + args.batch_size]
             # Image i of the run starts from the noise of seed + i, whatever the batch size.
-            images = pipe.generate(chunk, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed + start)
+            images = pipe.generate(
+                chunk,
+                steps=args.steps,
+                guidance_scale=args.guidance_scale,
+                seed=args.seed + start,
+                sampler=args.sampler,
+            )
             for i, (prompt, image) in enumerate(zip(chunk, images, strict=True)):
                 path = folder / f"{slug(prompt)}-{args.seed + start + i}.png"
                 image.save(path)
@@ -62,11 +77,15 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> None:
+    if args.strength is None and args.sampler not in (None, "ddim", "DDIMScheduler"):
+        raise UsageError(f"--sampler {args.sampler}: inversion editing regenerates by DDIM; pass --strength for "
+                         "SDEdit with another sampler, or leave --sampler out")  # fmt: skip
     ckpt = checked_checkpoint(args.ckpt)
     image = read_image(args.image)
     folder = out_folder(args.out)
     pipe = load_pipeline(ckpt, args.device)
     require(pipe, "edit", args.ckpt)
+    require_sampler(pipe, args.sampler)
     if args.strength is None and args.source_prompt is None:
         require(pipe, "caption", args.ckpt)  # inversion under the model's own caption of the image
     edited = pipe.edit(
@@ -77,6 +96,7 @@ def run_edit(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         strength=args.strength,
         seed=args.seed,
+        sampler=args.sampler,
     )
     path = folder / f"{Path(args.image).stem}-edit.png"
     edited.save(path)
@@ -108,8 +128,9 @@ def run_demo(args: argparse.Namespace) -> None:
             "(its default EXTRAS include demo)"
         ) from err
     pipe = load_pipeline(ckpt, args.device, option="CKPT")
+    require_sampler(pipe, args.sampler)
     try:
-        demo.launch(pipe, port=args.port, steps=args.steps)
+        demo.launch(pipe, port=args.port, steps=args.steps, sampler=args.sampler)
     except OSError as err:
         reason = str(err).split(". ")[0]
         raise UsageError(f"--port {args.port}: cannot serve on it ({reason}); pass a free port") from err

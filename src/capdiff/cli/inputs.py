@@ -8,6 +8,8 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from capdiff.samplers import check_sampler
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -41,6 +43,13 @@ def strength(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]; leave --strength out for DDIM inversion")
     return value
+
+
+def sampler(text: str) -> str:
+    try:
+        return check_sampler(text, "--sampler")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--sampler=")) from None
 
 
 def port(text: str) -> int:
@@ -152,6 +161,21 @@ NEEDS = {
     "generate": ("an image generator", "trained with model.loss.weights.diffusion=0"),
     "edit": ("a latent diffusion UNet", "editing inverts and denoises latents, which a text_gan model has not"),
 }
+
+
+def require_sampler(pipe: Pipeline, name: str | None) -> None:
+    """A UsageError when sampler `name` cannot sample this model (one trained with zero terminal SNR)."""
+    from capdiff.samplers import usable_samplers
+
+    diffusion = getattr(pipe.model, "diffusion", None)
+    if name is not None and diffusion is not None and diffusion.zero_terminal_snr:
+        try:
+            check_sampler(name, "--sampler", zero_terminal_snr=True)
+        except ValueError:
+            raise UsageError(
+                f"--sampler {name}: cannot sample this model, trained with zero terminal SNR; pass one of "
+                f"{', '.join(usable_samplers(True))}"
+            ) from None
 
 
 def require(pipe: Pipeline, verb: str, ckpt: str) -> None:

@@ -14,6 +14,7 @@ from capdiff.data.shapes import ShapesDataModule
 from capdiff.data.transforms import as_unit, unit_to_uint8
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, load_probe, parse_caption, probe_folder
 from capdiff.evaluation.text import caption_scores
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from capdiff.training.samples import call_model, caption_options, on_every_rank, same_on_every_rank, sampling_mode
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,14 @@ class PeriodicEval(pl.Callback):
         self,
         every_n_steps: int = 250,
         num_samples: int = 32,
-        steps: int = 25,
+        steps: int = DEFAULT_STEPS,
         guidance_scale: float = 4.0,
         seed: int = 0,
         probe: bool = True,
         cache_dir: str = "data",
+        sampler: str = DEFAULT_SAMPLER,
     ) -> None:
+        self.sampler = check_sampler(sampler, "callbacks.periodic_eval.sampler")
         self.use_probe = probe  # prompt faithfulness of generations on the shapes data (trains the probe once)
         self.cache_dir = cache_dir  # where the shapes probe is cached (shared with evaluate.py)
         self.every_n_steps = every_n_steps
@@ -103,7 +106,8 @@ class PeriodicEval(pl.Callback):
             # the shapes probe scores the generated images (rank 0 loads it, or trains it once)
             probed = shapes and self.use_probe and isinstance(trainer.datamodule, ShapesDataModule)
             if model.can_generate and probed:
-                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed}
+                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed,
+                            "sampler": self.sampler}  # fmt: skip
                 images = call_model(trainer, pl_module, model.generate, captions, **settings)
                 if trainer.is_global_zero:
                     predicted = self._shapes_probe(trainer).predict(unit_to_uint8(images).cpu())

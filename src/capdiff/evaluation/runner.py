@@ -27,6 +27,7 @@ from capdiff.evaluation.images import ImageDistances, load_real_features, save_r
 from capdiff.evaluation.retrieval import retrieval_recall
 from capdiff.evaluation.shapes import ATTRIBUTES, attribute_accuracy, parse_caption
 from capdiff.evaluation.text import caption_scores
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 from capdiff.training.samples import caption_grid
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalSettings:
     num_samples: int | None = 512
-    steps: int = 25
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
     eta: float = 0.0
     guidance_scales: list[float] = field(default_factory=lambda: [4.0])
     seed: int = 0
@@ -262,7 +264,9 @@ class Evaluator(pl.LightningModule):
             numbers = [n for n, _ in jobs[start : start + s.batch_size]]
             chunk = [p for _, p in jobs[start : start + s.batch_size]]
             seeds = [seed_for(n, s.seed) for n in numbers]
-            pixels = self.model.generate(chunk, steps=s.steps, guidance_scale=scale, eta=s.eta, seeds=seeds)
+            pixels = self.model.generate(
+                chunk, steps=s.steps, guidance_scale=scale, eta=s.eta, seeds=seeds, sampler=s.sampler
+            )
             images = unit_to_uint8(pixels)
             for i, (prompt, seed) in enumerate(zip(chunk, seeds, strict=True)):
                 name = f"g{scale:g}/{numbers[i]:06d}.png"

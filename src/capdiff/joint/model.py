@@ -24,7 +24,8 @@ from capdiff.models.language import LanguageModel, caption_loss
 from capdiff.models.lora import add_lora
 from capdiff.models.tokenizer import load_tokenizer
 from capdiff.models.vision import VisionEncoder
-from capdiff.sampling import ddim_sample
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from capdiff.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class JointModel(nn.Module):
     def generate(
         self,
         prompts: list[str],
-        steps: int = 50,
+        steps: int = DEFAULT_STEPS,
         guidance_scale: float = 4.0,
         eta: float = 0.0,
         seed: int = 0,
@@ -254,14 +255,17 @@ class JointModel(nn.Module):
         latents: torch.Tensor | None = None,
         strength: float = 1.0,
         guidance_rescale: float | None = None,
+        sampler: str = DEFAULT_SAMPLER,
     ) -> torch.Tensor:
-        """Images in `[-1, 1]` for `prompts` by DDIM with classifier-free guidance; image i starts from the
-        noise of `seeds[i]` (default `seed + i`), or from `latents` (see `capdiff.sampling.ddim_sample`)."""
+        """Images in `[-1, 1]` for `prompts` by `sampler` (`capdiff.samplers`) with classifier-free guidance;
+        image i starts from the noise of `seeds[i]` (default `seed + i`), or from `latents` (see
+        `capdiff.sampling.sample`)."""
         if self.diffusion is None:
             raise RuntimeError("this model was trained without the UNet (model.loss.weights.diffusion=0).")
+        self.diffusion.sampling_scheduler(sampler)  # an unknown or unfit sampler fails before the text is encoded
         cond = self.encode_text(prompts)
         empty, empty_mask = self.empty_condition(cond["cond"].shape[1], len(prompts))
-        latents = ddim_sample(
+        latents = sample(
             self.diffusion,
             cond["cond"],
             cond["cond_mask"],
@@ -275,6 +279,7 @@ class JointModel(nn.Module):
             latents=latents,
             strength=strength,
             guidance_rescale=guidance_rescale,
+            sampler=sampler,
         )
         return self.diffusion.decode(latents)
 

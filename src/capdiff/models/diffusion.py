@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 from capdiff.models.hub import load_pretrained
+from capdiff.samplers import DEFAULT_SAMPLER, build_scheduler
 
 
 def diffusion_loss(
@@ -116,14 +118,17 @@ class LatentDiffusion(nn.Module):
         return self
 
     @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.scheduler.config.get("rescale_betas_zero_snr"))
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
-    def sampling_scheduler(self) -> DDIMScheduler:
-        """DDIM for sampling, from the training config (clip_sample off, set_alpha_to_one off, steps_offset 1)."""
-        return DDIMScheduler.from_config(
-            self.scheduler.config, clip_sample=False, set_alpha_to_one=False, steps_offset=1
-        )
+    def sampling_scheduler(self, sampler: str = DEFAULT_SAMPLER) -> SchedulerMixin:
+        """The scheduler `sampler` names (`capdiff.samplers`), built from the training config: its betas,
+        prediction type, zero terminal SNR and spacing, with clip_sample and set_alpha_to_one off, steps_offset 1."""
+        return build_scheduler(self.scheduler.config, sampler)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):

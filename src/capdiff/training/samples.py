@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.strategies import FSDPStrategy
 
 from capdiff.data.transforms import as_unit, unit_to_uint8
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from capdiff.training.ema import find_ema
 
 log = logging.getLogger(__name__)
@@ -108,11 +109,13 @@ class SampleGrid(pl.Callback):
         prompts: list[str] | None = None,
         num_prompts: int = 8,
         every_n_epochs: int = 1,
-        steps: int = 25,
+        steps: int = DEFAULT_STEPS,
         guidance_scale: float = 4.0,
         seed: int = 0,
         folder: str = "samples",
+        sampler: str = DEFAULT_SAMPLER,
     ) -> None:
+        self.sampler = check_sampler(sampler, "callbacks.sample_grid.sampler")
         self.prompts = list(prompts) if prompts else None
         self.num_prompts = num_prompts
         self.every_n_epochs = every_n_epochs
@@ -152,7 +155,8 @@ class SampleGrid(pl.Callback):
         model, made = pl_module.model, {}
         with sampling_mode(trainer, pl_module):
             if prompts and model.can_generate:
-                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed}
+                settings = {"steps": self.steps, "guidance_scale": self.guidance_scale, "seed": self.seed,
+                            "sampler": self.sampler}  # fmt: skip
                 made["generated"] = call_model(trainer, pl_module, model.generate, prompts, **settings)
             if batch is not None and model.can_caption:
                 made["captions"] = call_model(
