@@ -9,7 +9,7 @@ comma := ,
 STAMP := $(VENV)/.capdiff-installed-$(subst $(comma),-,$(EXTRAS))
 ARGS ?=
 # The benchmarks of docs/benchmarks.md that `make bench` runs in turn (bench/fullsize.py: `make bench-fullsize`).
-BENCHMARKS := overhead data_pipeline latents sampling gpu step ema unet_ceiling first_stage
+BENCHMARKS := overhead data_pipeline latents sampling samplers gpu step ema unet_ceiling first_stage
 
 .PHONY: install train test test-slow test-slurm test-all lint format bench bench-fullsize gpu-wheels clean
 

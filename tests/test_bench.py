@@ -14,6 +14,7 @@ RATIOS = {
     "data_pipeline": ["capdiff 1 worker / raw", "capdiff 2 workers / 1 worker"],
     "latents": ["tiny preset: on-the-fly / cached step time (CPU)"],
     "sampling": ["capdiff/diffusers sampling images/s"],
+    "samplers": ["default sampler images/s over DDIM-50"],
     "step": ["step time before / now"],
     "learning_curve": ["caption attribute accuracy at the end / 0.9"],
     "bootstrap": ["bootstrapped / original probe attribute accuracy"],
