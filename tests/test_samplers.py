@@ -187,6 +187,7 @@ def test_every_usable_sampler_generates_through_the_pipeline(trained_checkpoint:
         pipe.edit(images[0], "a green circle", source_prompt="a red circle", steps=3, sampler="euler")
 
 
+@pytest.mark.slow  # two evaluate.py processes, ~40 s
 def test_evaluate_samples_with_the_named_sampler_and_refuses_one_that_cannot(
     trained_checkpoint: Path, smoke_root: Path, tmp_path: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_evaluate_samples_with_the_named_sampler_and_refuses_one_that_cannot(
     assert not (tmp_path / "no" / "metrics.json").exists() and "Validation" not in refused.stdout
 
 
+@pytest.mark.slow  # a train.py process, ~20 s
 def test_train_refuses_a_bad_callback_sampler_before_any_work(tmp_path: Path) -> None:
     root = tmp_path / "root"
     done = run_entry_point(
