@@ -17,7 +17,7 @@ from PIL import Image
 
 from capdiff.checkpoints.portable import load_checkpoint
 from capdiff.data.transforms import resize_crop, to_rgb_uint8, to_uint8_chw, uint8_to_unit, unit_to_uint8
-from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler, is_ddim
 from capdiff.sampling import ddim_invert
 
 ImageLike = Image.Image | torch.Tensor
@@ -142,7 +142,7 @@ class Pipeline:
                 strength=strength, sampler=sampler,
             )  # fmt: skip
             return to_pil(pixels)[0]
-        if sampler not in (None, "ddim", "DDIMScheduler"):
+        if sampler is not None and not is_ddim(sampler):
             raise ValueError(
                 f"sampler={sampler!r}: inversion editing regenerates by DDIM, from the noise DDIM inversion found; "
                 "pass strength= for SDEdit with another sampler, or leave sampler out."

@@ -73,7 +73,7 @@ def resolve_sampler(name: str, key: str = "sampler") -> tuple[type[SchedulerMixi
 def check_sampler(name: str, key: str = "sampler", zero_terminal_snr: bool = False) -> str:
     """`name` if it is a sampler (see `resolve_sampler`) that can sample a model trained with `zero_terminal_snr`."""
     cls, _ = resolve_sampler(name, key)
-    if zero_terminal_snr and "rescale_betas_zero_snr" not in inspect.signature(cls.__init__).parameters:
+    if zero_terminal_snr and not _follows_zero_snr(cls):
         raise ValueError(
             f"{key}={name!r} cannot sample a model trained with zero terminal SNR (model.diffusion.zero_terminal_snr): "
             f"its scheduler has no rescale_betas_zero_snr. Use one of {', '.join(usable_samplers(True))}."
@@ -83,7 +83,12 @@ def check_sampler(name: str, key: str = "sampler", zero_terminal_snr: bool = Fal
 
 def usable_samplers(zero_terminal_snr: bool) -> list[str]:
     """The short names that can sample a model trained with (or without) zero terminal SNR."""
-    return [n for n in SAMPLERS if not zero_terminal_snr or "rescale_betas_zero_snr" in _parameters(n)]
+    return [n for n in SAMPLERS if not zero_terminal_snr or _follows_zero_snr(resolve_sampler(n)[0])]
+
+
+def is_ddim(name: str | None) -> bool:
+    """Whether `name` is DDIM, the sampler inversion editing regenerates with."""
+    return name in ("ddim", "DDIMScheduler")
 
 
 def build_scheduler(training: Mapping, name: str = DEFAULT_SAMPLER, key: str = "sampler") -> SchedulerMixin:
@@ -97,5 +102,6 @@ def build_scheduler(training: Mapping, name: str = DEFAULT_SAMPLER, key: str = "
     return cls.from_config(training, **{k: v for k, v in wanted.items() if k in accepted})
 
 
-def _parameters(name: str):
-    return inspect.signature(resolve_sampler(name)[0].__init__).parameters
+def _follows_zero_snr(cls: type) -> bool:
+    """Whether the scheduler class can rescale its betas to zero terminal SNR."""
+    return "rescale_betas_zero_snr" in inspect.signature(cls.__init__).parameters

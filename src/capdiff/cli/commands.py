@@ -17,6 +17,7 @@ from capdiff.cli.inputs import (
     require,
     require_sampler,
 )
+from capdiff.samplers import is_ddim
 
 
 @contextmanager
@@ -77,7 +78,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_edit(args: argparse.Namespace) -> None:
-    if args.strength is None and args.sampler not in (None, "ddim", "DDIMScheduler"):
+    if args.strength is None and args.sampler is not None and not is_ddim(args.sampler):
         raise UsageError(f"--sampler {args.sampler}: inversion editing regenerates by DDIM; pass --strength for "
                          "SDEdit with another sampler, or leave --sampler out")  # fmt: skip
     ckpt = checked_checkpoint(args.ckpt)

@@ -8,7 +8,7 @@ import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capdiff.samplers import check_sampler
+from capdiff.samplers import check_sampler, usable_samplers
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -165,8 +165,6 @@ NEEDS = {
 
 def require_sampler(pipe: Pipeline, name: str | None) -> None:
     """A UsageError when sampler `name` cannot sample this model (one trained with zero terminal SNR)."""
-    from capdiff.samplers import usable_samplers
-
     diffusion = getattr(pipe.model, "diffusion", None)
     if name is not None and diffusion is not None and diffusion.zero_terminal_snr:
         try:

@@ -24,7 +24,7 @@ from capdiff.models.language import LanguageModel, caption_loss
 from capdiff.models.lora import add_lora
 from capdiff.models.tokenizer import load_tokenizer
 from capdiff.models.vision import VisionEncoder
-from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from capdiff.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, check_sampler
 from capdiff.sampling import sample
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class JointModel(nn.Module):
         `capdiff.sampling.sample`)."""
         if self.diffusion is None:
             raise RuntimeError("this model was trained without the UNet (model.loss.weights.diffusion=0).")
-        self.diffusion.sampling_scheduler(sampler)  # an unknown or unfit sampler fails before the text is encoded
+        check_sampler(sampler, zero_terminal_snr=self.diffusion.zero_terminal_snr)  # before the text is encoded
         cond = self.encode_text(prompts)
         empty, empty_mask = self.empty_condition(cond["cond"].shape[1], len(prompts))
         latents = sample(
